@@ -1,0 +1,28 @@
+"""Stage 3: compile a validated spec against a model's module tree into a Plan."""
+
+from nnrun.compile._compile import compile_plan
+from nnrun.compile._resolve import ResolvedLocation, resolve_location
+from nnrun.compile.plan import (
+    ApplyStep,
+    EditAction,
+    HookSite,
+    Plan,
+    PromptSource,
+    SaveAction,
+    SaveLayout,
+    SiteActions,
+)
+
+__all__ = [
+    "ApplyStep",
+    "EditAction",
+    "HookSite",
+    "Plan",
+    "PromptSource",
+    "ResolvedLocation",
+    "SaveAction",
+    "SaveLayout",
+    "SiteActions",
+    "compile_plan",
+    "resolve_location",
+]

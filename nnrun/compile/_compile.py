@@ -1,0 +1,235 @@
+"""Compile a validated spec against a model's module tree into a Plan."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nnrun.compile._order import execution_order
+from nnrun.compile._resolve import ResolvedLocation, resolve_location
+from nnrun.compile.plan import (
+    ApplyStep,
+    EditAction,
+    FileValue,
+    HookSite,
+    LiteralValue,
+    Operand,
+    Plan,
+    PromptSource,
+    PromptValue,
+    SaveAction,
+    SaveLayout,
+    SiteActions,
+)
+from nnrun.errors import CompileError
+from nnrun.spec import LoadedSpec, parse_step_selection, parse_token_selection
+
+NAMED_OPS = ("softmax", "log_softmax", "argmax", "norm", "mean", "sum", "float")
+EDIT_OPS = ("set", "add", "mul", "zero", "noise", "mean_ablate", "project_out", "clamp", "skip")
+_SITE_KEY = tuple[str, str]
+
+
+def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> Plan:
+    """Turn a validated spec into a Plan for this model.
+
+    Sites are ordered by the model's real execution order, found by a
+    one-token probe pass (see `execution_order`); no prompt is run.
+
+    >>> plan = compile_plan(check_spec("specs/logit-lens.yaml"), model)  # doctest: +SKIP
+    >>> [s.site.label for s in plan.sites]                               # doctest: +SKIP
+    ['model.layers.0.output', ..., 'output']
+    """
+    data = spec.data
+    order = execution_order(model, tokenizer)
+    saves_at: dict[_SITE_KEY, list[SaveAction]] = defaultdict(list)
+    edits_at: dict[_SITE_KEY, list[EditAction]] = defaultdict(list)
+    captures_at: dict[_SITE_KEY, set[tuple[int, ...]]] = defaultdict(set)
+    layouts: list[SaveLayout] = []
+    sources: list[str] = []
+
+    def ranked(site: ResolvedLocation, what: str) -> int:
+        rank = order.get((site.module, site.port))
+        if rank is None:
+            raise CompileError(
+                f"{what}: {site.label} never runs in this model's forward pass "
+                f"(the module exists but the model does not call it)"
+            )
+        return rank
+
+    for name, save in data.get("save", {}).items():
+        path = f"save.{name}"
+        sites, layered = resolve_location(model, save["at"], spec_path=f"{path}.at")
+        prompts = _prompt_ids(save.get("prompts", "all"))
+        tokens = parse_token_selection(save.get("tokens", "all"))
+        steps = parse_step_selection(save.get("steps", "all"))
+        apply = _apply_steps(model, save.get("apply", []), f"{path}.apply")
+        for layer, site in enumerate(sites):
+            ranked(site, f"{path}.at")
+            saves_at[(site.module, site.port)].append(
+                SaveAction(
+                    save=name,
+                    layer=layer,
+                    indices=site.indices,
+                    prompts=_frozen(prompts),
+                    tokens=tokens,
+                    steps=steps,
+                    apply=apply,
+                    before_edits=bool(save.get("before_edits", False)),
+                )
+            )
+        layouts.append(
+            SaveLayout(
+                name=name,
+                at=save["at"],
+                sites=tuple(s.label for s in sites),
+                layered=layered,
+                prompts=prompts,
+                tokens=tokens,
+                apply=apply,
+            )
+        )
+
+    for index, edit in enumerate(data.get("edits", [])):
+        path = f"edits[{index}]"
+        sites, _ = resolve_location(model, edit["at"], spec_path=f"{path}.at")
+        op = next(k for k in EDIT_OPS if k in edit)
+        params = _params(op, edit[op])
+        sources += params.get("over", [])
+        for site in sites:
+            target_rank = ranked(site, f"{path}.at")
+            operand = _operand(model, op, edit[op], site, f"{path}.{op}")
+            if isinstance(operand, PromptValue):
+                sources.append(operand.prompt)
+                source = ResolvedLocation(operand.module, operand.port, operand.indices)
+                if ranked(source, f"{path}.{op}.at") > target_rank:
+                    raise CompileError(
+                        f"{path}: reads prompt '{operand.prompt}' at {source.label} to edit "
+                        f"{site.label}, but {site.label} runs first. nnrun runs one forward "
+                        f"pass per batch and does not plan a second one: read the source at "
+                        f"{site.label} or at a site that runs before it"
+                    )
+                if operand.key != (site.module, site.port, site.indices):
+                    captures_at[(operand.module, operand.port)].add(operand.indices)
+            edits_at[(site.module, site.port)].append(
+                EditAction(
+                    index=index,
+                    op=op,
+                    operand=operand,
+                    params=params,
+                    alpha=float(edit.get("alpha", 1.0)),
+                    indices=site.indices,
+                    prompts=_frozen(_prompt_ids(edit.get("prompts", "all"))),
+                    tokens=parse_token_selection(edit.get("tokens", "all")),
+                    steps=parse_step_selection(edit.get("steps", "all")),
+                )
+            )
+
+    prompt_source = _prompt_source(data["prompts"])
+    if sources and prompt_source.inline is None:
+        raise CompileError(
+            "edits read other prompts' values (from:, mean_ablate.over), which needs "
+            "inline prompts: a streamed prompts.file cannot name its sources"
+        )
+    keys = sorted(set(saves_at) | set(edits_at) | set(captures_at), key=lambda k: order[k])
+    sites = tuple(
+        SiteActions(
+            site=HookSite(module=m, port=p, order=order[(m, p)]),
+            saves=tuple(saves_at.get((m, p), ())),
+            edits=tuple(edits_at.get((m, p), ())),
+            captures=tuple(sorted(captures_at.get((m, p), ()))),
+        )
+        for m, p in keys
+    )
+    return Plan(
+        name=data["name"],
+        seed=int(data.get("seed", 0)),
+        batch_size=int(data.get("batch_size", 8)),
+        output=Path(data["output"]),
+        model=dict(data.get("model", {})),
+        prompts=prompt_source,
+        sites=sites,
+        saves=tuple(layouts),
+        spec_text=spec.text,
+        source_prompts=tuple(dict.fromkeys(sources)),
+    )
+
+
+def _prompt_ids(selection: Any) -> tuple[str, ...] | None:
+    if selection in (None, "all"):
+        return None
+    return tuple(str(p) for p in selection)
+
+
+def _frozen(ids: tuple[str, ...] | None) -> frozenset[str] | None:
+    return None if ids is None else frozenset(ids)
+
+
+def _apply_steps(model: nn.Module, ops: list[Any], path: str) -> tuple[ApplyStep, ...]:
+    steps = []
+    for i, op in enumerate(ops):
+        where = f"{path}[{i}]"
+        if isinstance(op, dict):
+            ((name, arg),) = op.items()
+            steps.append(ApplyStep(kind="op", name=str(name), arg=int(arg)))
+        elif op in NAMED_OPS:
+            steps.append(ApplyStep(kind="op", name=op))
+        else:
+            # A module path without a port: that module runs ad hoc on the saved value.
+            sites, layered = resolve_location(model, f"{op}.output", spec_path=where)
+            if layered or len(sites) != 1:
+                raise CompileError(f"{where}: '{op}' must name exactly one module")
+            steps.append(ApplyStep(kind="module", name=sites[0].module))
+        if steps[-1].name == "topk" and i != len(ops) - 1:
+            raise CompileError(f"{where}: topk gives values and indices, so it must come last")
+    return tuple(steps)
+
+
+def _params(op: str, value: Any) -> dict[str, Any]:
+    if op == "noise":
+        return {"std": float(value["std"])}
+    if op == "mean_ablate":
+        return {"over": [str(p) for p in value["over"]]}
+    if op == "clamp":
+        return {"min": value.get("min"), "max": value.get("max")}
+    return {}
+
+
+def _operand(
+    model: nn.Module, op: str, value: Any, site: ResolvedLocation, path: str
+) -> Operand | None:
+    if op not in ("set", "add", "mul", "project_out"):
+        return None
+    if isinstance(value, dict) and "from" in value:
+        source = site
+        if value.get("at"):
+            found, layered = resolve_location(model, value["at"], spec_path=f"{path}.at")
+            if layered or len(found) != 1:
+                raise CompileError(f"{path}.at: a source must be one site, not '{value['at']}'")
+            source = found[0]
+        tokens = value.get("tokens")
+        return PromptValue(
+            prompt=str(value["from"]),
+            module=source.module,
+            port=source.port,
+            indices=source.indices,
+            tokens=None if tokens is None else parse_token_selection(tokens),
+        )
+    if isinstance(value, dict) and "file" in value:
+        return FileValue(file=str(value["file"]), dataset=str(value["dataset"]))
+    return LiteralValue(data=value)
+
+
+def _prompt_source(prompts: Any) -> PromptSource:
+    # A lone prompt whose id happens to be "file" is still text: a file source
+    # has only the source keys.
+    if "file" in prompts and set(prompts) <= {"file", "field", "id_field", "limit"}:
+        return PromptSource(
+            file=prompts["file"],
+            field=prompts.get("field") or "text",
+            id_field=prompts.get("id_field"),
+            limit=prompts.get("limit"),
+        )
+    return PromptSource(inline=tuple((str(k), str(v)) for k, v in prompts.items()))

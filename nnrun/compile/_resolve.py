@@ -1,0 +1,104 @@
+"""Resolve spec locations (`model.layers.*.output`) against a real module tree."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from torch import nn
+
+from nnrun.errors import CompileError
+from nnrun.spec import Location, SliceSel, Wildcard, parse_location
+
+
+@dataclass(frozen=True)
+class ResolvedLocation:
+    """One concrete site a location names: module name, port, tuple indices."""
+
+    module: str  # dotted name from named_modules(); "" is the model itself
+    port: str
+    indices: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        base = f"{self.module}.{self.port}" if self.module else self.port
+        return base + "".join(f"[{i}]" for i in self.indices)
+
+
+def resolve_location(
+    model: nn.Module, text: str, *, spec_path: str = "at"
+) -> tuple[list[ResolvedLocation], bool]:
+    """Expand a location into the sites it names, in module order.
+
+    Returns the sites and whether the location had a wildcard or slice (a
+    layer axis). Raises CompileError naming the nearest real module paths when
+    a segment does not exist.
+
+    >>> resolve_location(model, "model.layers[0:2].output")   # doctest: +SKIP
+    ([ResolvedLocation("model.layers.0", "output", ()), ...], True)
+    """
+    try:
+        location: Location = parse_location(text)
+    except ValueError as e:
+        raise CompileError(f"{spec_path}: {e}") from None
+    names = [""]  # dotted names reached so far
+    modules = [model]
+    layered = False
+    for segment in location.module_segments:
+        next_names, next_modules = [], []
+        for name, module in zip(names, modules):
+            children = list(module.named_children())
+            if isinstance(segment, Wildcard):
+                layered, chosen = True, children
+            elif isinstance(segment, SliceSel):
+                layered, chosen = True, children[segment.start : segment.stop]
+            else:
+                chosen = _child(module, children, segment)
+                if chosen is None:
+                    wanted = _join(name, str(segment))
+                    raise CompileError(
+                        f"{spec_path}: no module '{wanted}' in {type(model).__name__}"
+                        f"{_nearest(model, wanted, text)}"
+                    )
+            for child_name, child in chosen:
+                next_names.append(_join(name, child_name))
+                next_modules.append(child)
+        if not next_names:
+            raise CompileError(f"{spec_path}: '{text}' selects no module (empty slice)")
+        names, modules = next_names, next_modules
+    return [ResolvedLocation(n, location.port, location.indices) for n in names], layered
+
+
+def _child(
+    module: nn.Module, children: list[tuple[str, nn.Module]], segment: str | int
+) -> list[tuple[str, nn.Module]] | None:
+    if isinstance(segment, int):
+        # Integer segments index a container's children, so [-1] is the last layer.
+        if not children:
+            return None
+        try:
+            return [children[segment]]
+        except IndexError:
+            return None
+    sub = module._modules.get(segment)
+    return None if sub is None else [(segment, sub)]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _nearest(model: nn.Module, wanted: str, text: str) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
+    if not close:
+        # Fall back to siblings of the deepest prefix that exists.
+        parent = wanted.rsplit(".", 1)[0] if "." in wanted else ""
+        depth = parent.count(".") + 1 if parent else 0
+        close = [
+            n for n in names if n.startswith(parent) and n.count(".") == depth
+        ][:5] or [n for n in names if "." not in n][:5]
+    if not close:
+        return ""
+    suggestions = ", ".join(f"'{c}'" for c in close)
+    return f"; did you mean {suggestions}? (`nnrun modules` lists every path)"

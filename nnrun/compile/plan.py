@@ -1,0 +1,183 @@
+"""The Plan: what the engine executes and what the store writes, as plain data.
+
+A Plan is built by `compile_plan` from a validated spec and a model's module
+tree. It can be printed and tested without running a forward pass.
+
+Row model: one batch row is one prompt. Everything that acts on rows (saves,
+edits) names prompts by id, never by batch index, so micro-batching and (later)
+extra rows for sweep points or source passes do not change the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nnrun.spec import StepSelection, TokenSelection
+
+ALL_PROMPTS = None  # a selection of prompts that is "every prompt in the run"
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """One place in the forward pass: a module and a port.
+
+    `module` is the dotted name from `named_modules()` ("" is the model itself).
+    `port` is "output" (a forward hook) or "input" (a forward pre-hook: the
+    module's first positional input). `order` is the site's rank in the model's
+    execution order; the engine fires sites in that order.
+    """
+
+    module: str
+    port: str
+    order: int
+
+    @property
+    def label(self) -> str:
+        """The site as a user writes it, e.g. `model.layers.3.output`."""
+        return f"{self.module}.{self.port}" if self.module else self.port
+
+
+@dataclass(frozen=True)
+class ApplyStep:
+    """One step of a save's `apply:` chain: a module run ad hoc or a named op."""
+
+    kind: str  # "module" | "op"
+    name: str  # module path, or op name (softmax, topk, ...)
+    arg: int | None = None  # k for topk
+
+
+@dataclass(frozen=True)
+class SaveAction:
+    """Read the value at a site and keep the selected rows and tokens."""
+
+    save: str  # the save's name: its dataset is /saves/<save>
+    layer: int  # index along the save's layer axis (0 without a wildcard)
+    indices: tuple[int, ...]  # tuple indices after the port: output[0] -> (0,)
+    prompts: frozenset[str] | None  # None = every prompt
+    tokens: TokenSelection
+    steps: StepSelection
+    apply: tuple[ApplyStep, ...]
+    before_edits: bool
+
+
+@dataclass(frozen=True)
+class LiteralValue:
+    """A number or nested list written in the spec."""
+
+    data: Any
+
+
+@dataclass(frozen=True)
+class PromptValue:
+    """Another prompt's activation in the same run: `{from: clean, at: ..., tokens: ...}`."""
+
+    prompt: str
+    module: str
+    port: str
+    indices: tuple[int, ...]
+    tokens: TokenSelection | None  # None: the edited positions, in the source prompt's tokens
+
+    @property
+    def key(self) -> tuple[str, str, tuple[int, ...]]:
+        return (self.module, self.port, self.indices)
+
+
+@dataclass(frozen=True)
+class FileValue:
+    """A tensor read from an HDF5 file, e.g. a save of an earlier nnrun run."""
+
+    file: str
+    dataset: str
+
+
+Operand = LiteralValue | PromptValue | FileValue
+
+
+@dataclass(frozen=True)
+class EditAction:
+    """Change the value at a site, for the selected rows and tokens."""
+
+    index: int  # position in the spec's `edits:` list (for messages)
+    op: str  # set | add | mul | zero | noise | mean_ablate | project_out | clamp | skip
+    operand: Operand | None  # the value of set/add/mul/project_out
+    params: dict[str, Any]  # std (noise), over (mean_ablate), min/max (clamp)
+    alpha: float
+    indices: tuple[int, ...]
+    prompts: frozenset[str] | None
+    tokens: TokenSelection
+    steps: StepSelection
+
+    @property
+    def label(self) -> str:
+        return f"edits[{self.index}] ({self.op})"
+
+
+@dataclass(frozen=True)
+class SiteActions:
+    """Everything the plan does at one site, in the order it happens."""
+
+    site: HookSite
+    saves: tuple[SaveAction, ...] = ()
+    edits: tuple[EditAction, ...] = ()
+    # Tuple indices whose whole value is kept for the batch, because an edit at a
+    # later site reads another prompt's value here.
+    captures: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class SaveLayout:
+    """How one save lands in the output file: /saves/<name>.
+
+    Leading axes are `prompt`, then `layer` when the location has a wildcard or
+    slice, then `token`; the tensor's own axes follow (known once data arrives).
+    """
+
+    name: str
+    at: str  # the location as written in the spec
+    sites: tuple[str, ...]  # resolved location for each layer, e.g. model.layers.0.output
+    layered: bool  # True when `at` expands over several modules (a layer axis)
+    prompts: tuple[str, ...] | None  # ids in dataset order; None = every prompt, in run order
+    tokens: TokenSelection
+    apply: tuple[ApplyStep, ...]
+
+    @property
+    def leading_axes(self) -> tuple[str, ...]:
+        return ("prompt", "layer", "token") if self.layered else ("prompt", "token")
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where prompts come from: inline (id, text) pairs or a streamed file."""
+
+    inline: tuple[tuple[str, str], ...] | None = None
+    file: str | None = None
+    field: str = "text"
+    id_field: str | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled experiment: sites in execution order and output layout."""
+
+    name: str
+    seed: int
+    batch_size: int
+    output: Path
+    model: dict[str, Any]
+    prompts: PromptSource
+    sites: tuple[SiteActions, ...]
+    saves: tuple[SaveLayout, ...]
+    spec_text: str
+    # Prompts whose values other prompts' edits read (`from:`, `mean_ablate.over`):
+    # every micro-batch carries them as extra rows.
+    source_prompts: tuple[str, ...] = ()
+    passes: int = 1
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules that get a hook: only those the plan touches."""
+        return tuple(dict.fromkeys(s.site.module for s in self.sites))

@@ -1,0 +1,14 @@
+"""Stage 4: execute a Plan with forward hooks, one micro-batch at a time."""
+
+from nnrun.engine._batch import Batch, count_prompts, iter_prompts, make_batch
+from nnrun.engine._engine import BatchResult, Engine, SaveBatch
+
+__all__ = [
+    "Batch",
+    "BatchResult",
+    "Engine",
+    "SaveBatch",
+    "count_prompts",
+    "iter_prompts",
+    "make_batch",
+]

@@ -1,0 +1,142 @@
+"""Prompts -> padded batches, with each prompt's own token positions kept."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nnrun.compile.plan import PromptSource
+from nnrun.errors import RunError
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the model's device.
+
+    Prompts are padded to a common length `width`; `offsets[r]` is where
+    prompt r's token 0 sits in its padded row, so position p of prompt r is
+    column `offsets[r] + p` whichever side the padding is on.
+    """
+
+    ids: list[str]
+    texts: list[str]
+    token_ids: list[list[int]]
+    input_ids: torch.Tensor  # (batch, width)
+    attention_mask: torch.Tensor  # (batch, width)
+    position_ids: torch.Tensor | None  # (batch, width); None when the model takes none
+    lengths: torch.Tensor  # (batch,) on the device
+    offsets: torch.Tensor  # (batch,) on the device
+    # Rows carried only because other rows' edits read them (`from:`): they are
+    # edited like any row but never saved or written as prompts of this batch.
+    aux: list[bool]
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def width(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
+
+
+def iter_prompts(source: PromptSource) -> Iterator[tuple[str, str]]:
+    """Yield (id, text) pairs, streaming a file source line by line."""
+    if source.inline is not None:
+        yield from source.inline
+        return
+    path = Path(source.file or "")
+    if not path.is_file():
+        raise RunError(f"prompts.file: no such file '{path}'")
+    count = 0
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if source.limit is not None and count >= source.limit:
+                return
+            if not line.strip():
+                continue
+            prompt_id, text = _parse_line(path, line_no, line, source)
+            count += 1
+            yield prompt_id, text
+
+
+def count_prompts(source: PromptSource) -> int:
+    """How many prompts the source holds (a cheap line count for files)."""
+    if source.inline is not None:
+        return len(source.inline)
+    with Path(source.file or "").open(encoding="utf-8") as f:
+        n = sum(1 for line in f if line.strip())
+    return n if source.limit is None else min(n, source.limit)
+
+
+def _parse_line(path: Path, line_no: int, line: str, source: PromptSource) -> tuple[str, str]:
+    if path.suffix != ".jsonl":
+        return str(line_no - 1), line.rstrip("\n")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or source.field not in record:
+        raise RunError(f"{path}:{line_no}: no field '{source.field}' (set prompts.field)")
+    prompt_id = record.get(source.id_field) if source.id_field else None
+    return str(line_no - 1 if prompt_id is None else prompt_id), str(record[source.field])
+
+
+def takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the model's forward accepts explicit position ids."""
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def make_batch(
+    prompts: list[tuple[str, str]],
+    tokenizer,
+    device: torch.device,
+    *,
+    left_pad: bool,
+    aux: list[bool] | None = None,
+) -> Batch:
+    """Tokenize and pad prompts into one batch.
+
+    Left padding (used whenever the model takes position ids) keeps every
+    prompt's last token in the last column, which generation needs; explicit
+    position ids then make padded rows compute exactly what they would alone.
+    """
+    ids = [p for p, _ in prompts]
+    texts = [t for _, t in prompts]
+    token_ids = [list(t) for t in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    for prompt_id, toks in zip(ids, token_ids):
+        if not toks:
+            raise RunError(f"prompt '{prompt_id}' has no tokens after tokenization")
+    lengths = [len(t) for t in token_ids]
+    width = max(lengths)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    offsets = [width - n if left_pad else 0 for n in lengths]
+    for row, (toks, start) in enumerate(zip(token_ids, offsets)):
+        input_ids[row, start : start + len(toks)] = torch.tensor(toks)
+        mask[row, start : start + len(toks)] = 1
+    position_ids = None
+    if left_pad:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width)
+    return Batch(
+        ids=ids,
+        texts=texts,
+        token_ids=token_ids,
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=None if position_ids is None else position_ids.to(device),
+        lengths=torch.tensor(lengths, device=device),
+        offsets=torch.tensor(offsets, device=device),
+        aux=aux or [False] * len(ids),
+    )

@@ -1,0 +1,216 @@
+"""Edit ops on the selected rows and tokens of a site's value.
+
+Every op computes new values for the selection (R, K, ...) and writes them
+into a copy of the site's value, so rows and tokens outside the selection are
+bit-identical to an unedited run and the module's own tensor is never changed
+in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnrun.compile.plan import EditAction, FileValue, LiteralValue, PromptValue
+from nnrun.engine._batch import Batch
+from nnrun.engine._select import TokenIndex, token_index
+from nnrun.errors import RunError
+
+
+class OperandCache:
+    """Operands that do not change between batches: literals and file tensors."""
+
+    def __init__(self) -> None:
+        self._host: dict[Any, torch.Tensor] = {}
+        self._device: dict[Any, torch.Tensor] = {}
+
+    def literal(self, edit: EditAction, like: torch.Tensor) -> torch.Tensor:
+        assert isinstance(edit.operand, LiteralValue)
+        key = ("literal", edit.index, like.dtype, like.device)
+        if key not in self._device:
+            try:
+                host = torch.tensor(edit.operand.data, dtype=torch.float64)
+            except (TypeError, ValueError):
+                raise RunError(f"{edit.label}: the value is not a number or a nested list of numbers") from None
+            self._device[key] = host.to(device=like.device, dtype=like.dtype)
+        return self._device[key]
+
+    def file(self, edit: EditAction, like: torch.Tensor | None = None) -> torch.Tensor:
+        operand = edit.operand
+        assert isinstance(operand, FileValue)
+        if operand not in self._host:
+            self._host[operand] = read_file_tensor(operand, edit.label)
+        if like is None:
+            return self._host[operand]
+        key = (operand, like.dtype, like.device)
+        if key not in self._device:
+            self._device[key] = self._host[operand].to(device=like.device, dtype=like.dtype)
+        return self._device[key]
+
+
+def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
+    """A dataset of an HDF5 file as a tensor (NaN padding of ragged saves kept)."""
+    import h5py
+
+    path = Path(operand.file)
+    if not path.is_file():
+        raise RunError(f"{what}: no such file '{path}' (relative paths start at the current directory)")
+    try:
+        with h5py.File(path, "r") as f:
+            if operand.dataset not in f or not isinstance(f[operand.dataset], h5py.Dataset):
+                found: list[str] = []
+                f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
+                listed = ", ".join(found[:12]) + (" ..." if len(found) > 12 else "")
+                raise RunError(
+                    f"{what}: no dataset '{operand.dataset}' in {path} (datasets: {listed or 'none'})"
+                )
+            return torch.from_numpy(f[operand.dataset][()])
+    except OSError as e:
+        raise RunError(f"{what}: cannot read '{path}' as HDF5: {e}") from None
+
+
+class EditContext:
+    """What an edit needs besides its own selection: the batch and captured sources."""
+
+    def __init__(self, batch: Batch, operands: OperandCache, generator: torch.Generator | None):
+        self.batch = batch
+        self.operands = operands
+        self.generator = generator
+        self.captured: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
+        self._index: dict[Any, TokenIndex | None] = {}
+
+    def index(self, prompts: frozenset[str] | None, tokens, what: str) -> TokenIndex | None:
+        key = (prompts, tokens, "edit")
+        if key not in self._index:
+            self._index[key] = token_index(self.batch, prompts, tokens, what=what, include_aux=True)
+        return self._index[key]
+
+
+def apply_edit(
+    edit: EditAction,
+    value: torch.Tensor,  # (batch, tokens, ...)
+    ctx: EditContext,
+    *,
+    site_key: tuple[str, str, tuple[int, ...]],
+    label: str,
+    module_input: torch.Tensor | None,
+) -> torch.Tensor:
+    """The site's value with `edit` applied to its selection."""
+    index = ctx.index(edit.prompts, edit.tokens, edit.label)
+    if index is None:
+        return value
+    batch = ctx.batch
+    if value.dim() < 2 or value.shape[0] != batch.size or value.shape[1] != batch.width:
+        raise RunError(
+            f"{edit.label} at {label}: expected a value of shape (batch={batch.size}, "
+            f"tokens={batch.width}, ...) but it has shape {tuple(value.shape)}"
+        )
+    selected = value[index.rows[:, None], index.columns]  # (R, K, ...)
+    new = _compute(edit, selected, value, index, ctx, site_key, label, module_input)
+    rows, columns = index.valid_entries()
+    out = value.clone()
+    out[rows, columns] = new[index.valid].to(out.dtype)
+    return out
+
+
+def _compute(
+    edit: EditAction,
+    selected: torch.Tensor,  # (R, K, ...)
+    value: torch.Tensor,  # (batch, tokens, ...)
+    index: TokenIndex,
+    ctx: EditContext,
+    site_key: tuple[str, str, tuple[int, ...]],
+    label: str,
+    module_input: torch.Tensor | None,
+) -> torch.Tensor:
+    op = edit.op
+    if op == "zero":
+        return torch.zeros_like(selected)
+    if op == "clamp":
+        return selected.clamp(min=edit.params["min"], max=edit.params["max"])
+    if op == "noise":
+        noise = torch.randn(
+            selected.shape, generator=ctx.generator, device=selected.device, dtype=torch.float32
+        )
+        return selected + edit.params["std"] * noise.to(selected.dtype)
+    if op == "mean_ablate":
+        return _broadcast(edit, _mean_over(edit, value, ctx), selected, label)
+    if op == "skip":
+        if module_input is None or module_input.shape != value.shape:
+            got = "no tensor input" if module_input is None else f"input shape {tuple(module_input.shape)}"
+            raise RunError(
+                f"{edit.label} at {label}: skip passes the module's input through, but it has "
+                f"{got} and output shape {tuple(value.shape)}; skip needs the two to match"
+            )
+        return module_input[index.rows[:, None], index.columns]
+    operand = _operand(edit, selected, value, index, ctx, site_key, label)
+    operand = _broadcast(edit, operand, selected, label)
+    if op == "set":
+        return operand
+    if op == "add":
+        return selected + edit.alpha * operand
+    if op == "mul":
+        return selected * operand
+    if op == "project_out":
+        unit = operand / operand.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return selected - (selected * unit).sum(dim=-1, keepdim=True) * unit
+    raise RunError(f"{edit.label}: unknown edit op '{op}'")
+
+
+def _operand(
+    edit: EditAction,
+    selected: torch.Tensor,
+    value: torch.Tensor,
+    index: TokenIndex,
+    ctx: EditContext,
+    site_key: tuple[str, str, tuple[int, ...]],
+    label: str,
+) -> torch.Tensor:
+    operand = edit.operand
+    if isinstance(operand, LiteralValue):
+        return ctx.operands.literal(edit, selected)
+    if isinstance(operand, FileValue):
+        return ctx.operands.file(edit, selected)
+    assert isinstance(operand, PromptValue)
+    source = value if operand.key == site_key else ctx.captured.get(operand.key)
+    if source is None:
+        raise RunError(f"{edit.label}: the source site of prompt '{operand.prompt}' did not run")
+    tokens = operand.tokens or edit.tokens
+    found = ctx.index(frozenset([operand.prompt]), tokens, f"{edit.label} from '{operand.prompt}'")
+    if found is None:
+        raise RunError(f"{edit.label}: prompt '{operand.prompt}' is not in this batch")
+    found = TokenIndex(found.rows[:1], found.columns[:1], found.counts[:1], found.ragged)
+    if found.ragged and index.ragged and found.columns.shape[1] != selected.shape[1]:
+        raise RunError(
+            f"{edit.label} at {label}: prompt '{operand.prompt}' gives {found.columns.shape[1]} "
+            f"tokens for a selection of {selected.shape[1]}; select the same number of tokens "
+            f"(e.g. tokens: [-1] or a list) or give from.tokens"
+        )
+    return source[found.rows[:, None], found.columns]  # (1, Ks, ...)
+
+
+def _mean_over(edit: EditAction, value: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+    over = frozenset(edit.params["over"])
+    found = ctx.index(over, edit.tokens, f"{edit.label} over {sorted(over)}")
+    if found is None:
+        raise RunError(f"{edit.label}: none of the prompts {sorted(over)} is in this batch")
+    picked = value[found.rows[:, None], found.columns]  # (Ro, Ko, ...)
+    return picked[found.valid].float().mean(dim=0).to(value.dtype)  # (...)
+
+
+def _broadcast(
+    edit: EditAction, operand: torch.Tensor, selected: torch.Tensor, label: str
+) -> torch.Tensor:
+    try:
+        shape = torch.broadcast_shapes(operand.shape, selected.shape)
+    except RuntimeError:
+        shape = None
+    if shape != selected.shape:
+        raise RunError(
+            f"{edit.label} at {label}: the value has shape {tuple(operand.shape)}, which does "
+            f"not broadcast to the selection's shape {tuple(selected.shape)} "
+            f"(prompts, tokens, then the value's own axes)"
+        )
+    return operand.expand(selected.shape)

@@ -1,0 +1,298 @@
+"""Execute a Plan: hooks on the planned sites, micro-batches, host copies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnrun.compile.plan import FileValue, Plan, SaveAction, SiteActions
+from nnrun.engine._apply import apply_steps
+from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_ids
+from nnrun.engine._edits import EditContext, OperandCache, apply_edit
+from nnrun.engine._ports import get_value, set_value
+from nnrun.engine._select import TokenIndex, token_index
+from nnrun.errors import RunError
+
+
+@dataclass
+class SaveBatch:
+    """One save's values for the prompts of one micro-batch, on the host."""
+
+    data: torch.Tensor  # (R, [layer], token, *value axes); ragged tokens filled
+    prompt_ids: list[str]
+    counts: torch.Tensor | None  # (R,) real tokens per prompt when ragged, else None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. topk indices
+
+
+@dataclass
+class BatchResult:
+    """What one micro-batch produced: its prompts and every save's values."""
+
+    prompt_ids: list[str]
+    texts: list[str]
+    token_ids: list[list[int]]
+    saves: dict[str, SaveBatch]
+
+
+class _BatchState:
+    """Per-batch scratch shared by the hooks: token indices and device values."""
+
+    def __init__(self, batch: Batch, edits: EditContext) -> None:
+        self.batch = batch
+        self.edits = edits
+        self.indices: dict[tuple[Any, ...], TokenIndex | None] = {}
+        # save name -> layer -> (values, token index) kept on the device until
+        # the batch ends, so the host copy is one transfer per save.
+        self.collected: dict[str, dict[int, tuple[Any, TokenIndex]]] = {}
+
+    def index_for(self, prompts: frozenset[str] | None, tokens, what: str) -> TokenIndex | None:
+        key = (prompts, tokens)
+        if key not in self.indices:
+            self.indices[key] = token_index(self.batch, prompts, tokens, what=what)
+        return self.indices[key]
+
+
+class Engine:
+    """Runs a compiled Plan on a loaded model, one micro-batch at a time.
+
+    >>> for result in Engine(plan, model, tokenizer).run():   # doctest: +SKIP
+    ...     write(result)
+    """
+
+    def __init__(self, plan: Plan, model: nn.Module, tokenizer: Any) -> None:
+        self.plan = plan
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = _input_device(model)
+        self.left_pad = takes_position_ids(model)
+        self.modules = dict(model.named_modules())
+        self.operands = OperandCache()
+        self._generator: torch.Generator | None = None
+        self._state: _BatchState | None = None
+        inline = dict(plan.prompts.inline or ())
+        self._sources = [(p, inline[p]) for p in plan.source_prompts]
+
+    def preflight(self) -> None:
+        """Check what can be checked before any forward pass or output file.
+
+        Resolves every selection against every inline prompt (a token beyond a
+        prompt's length fails here, naming the save or edit) and reads every
+        file operand once.
+        """
+        for actions in self.plan.sites:
+            for edit in actions.edits:
+                if isinstance(edit.operand, FileValue):
+                    self.operands.file(edit)
+        if self.plan.prompts.inline is None:
+            return
+        batch = make_batch(list(self.plan.prompts.inline), self.tokenizer, torch.device("cpu"),
+                           left_pad=self.left_pad)
+        for actions in self.plan.sites:
+            for save in actions.saves:
+                token_index(batch, save.prompts, save.tokens, what=f"save '{save.save}'")
+            for edit in actions.edits:
+                token_index(batch, edit.prompts, edit.tokens, what=edit.label)
+
+    def run(self) -> Iterator[BatchResult]:
+        """Yield one BatchResult per micro-batch; hooks are removed afterwards."""
+        torch.manual_seed(self.plan.seed)
+        # Noise edits draw from their own generator, so adding a save (or any
+        # other op that consumes randomness) never changes the noise.
+        self._generator = torch.Generator(device=self.device).manual_seed(self.plan.seed)
+        prompts = iter_prompts(self.plan.prompts)
+        with self._hooks():
+            while chunk := list(islice(prompts, self.plan.batch_size)):
+                yield self._run_batch(chunk)
+
+    def _run_batch(self, chunk: list[tuple[str, str]]) -> BatchResult:
+        present = {p for p, _ in chunk}
+        extra = [s for s in self._sources if s[0] not in present]
+        batch = make_batch(
+            chunk + extra, self.tokenizer, self.device, left_pad=self.left_pad,
+            aux=[False] * len(chunk) + [True] * len(extra),
+        )
+        self._state = _BatchState(batch, EditContext(batch, self.operands, self._generator))
+        try:
+            with torch.inference_mode():
+                self.model(**batch.model_inputs())
+            saves = self._gather(batch)
+        finally:
+            self._state = None
+        n = len(chunk)  # the auxiliary source rows come last and are not results
+        return BatchResult(
+            prompt_ids=batch.ids[:n], texts=batch.texts[:n], token_ids=batch.token_ids[:n],
+            saves=saves,
+        )
+
+    # -- hooks ---------------------------------------------------------------
+
+    @contextmanager
+    def _hooks(self) -> Iterator[None]:
+        handles = []
+        try:
+            for actions in self.plan.sites:
+                module = self.modules[actions.site.module]
+                if actions.site.port == "output":
+                    handles.append(
+                        module.register_forward_hook(self._output_hook(actions), with_kwargs=True)
+                    )
+                else:
+                    handles.append(
+                        module.register_forward_pre_hook(
+                            self._input_hook(actions), with_kwargs=True
+                        )
+                    )
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _output_hook(self, actions: SiteActions):
+        root = actions.site.module == ""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return self._at_site(actions, output, root=root, inputs=(args, kwargs))
+
+        return hook
+
+    def _input_hook(self, actions: SiteActions):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if args:
+                new = self._at_site(actions, args[0], root=False)
+                return None if new is None else ((new, *args[1:]), kwargs)
+            # Called with keywords only: the first keyword argument is the input.
+            if not kwargs:
+                raise RunError(f"{actions.site.label}: the module was called with no input")
+            key = next(iter(kwargs))
+            new = self._at_site(actions, kwargs[key], root=False)
+            return None if new is None else (args, {**kwargs, key: new})
+
+        return hook
+
+    def _at_site(
+        self, actions: SiteActions, container: Any, *, root: bool, inputs: Any = None
+    ) -> Any:
+        """Saves (before edits), edits in spec order, then saves; None if unchanged."""
+        state = self._state
+        if state is None:  # the module ran outside a planned forward (e.g. ad hoc)
+            return None
+        label = actions.site.label
+        for save in actions.saves:
+            if save.before_edits:
+                self._save(state, save, container, root=root, label=label)
+        changed = False
+        for edit in actions.edits:
+            site_label = label + "".join(f"[{i}]" for i in edit.indices)
+            value = get_value(container, edit.indices, root=root, label=site_label)
+            new = apply_edit(
+                edit, value, state.edits, label=site_label,
+                site_key=(actions.site.module, actions.site.port, edit.indices),
+                module_input=_first_input(inputs) if edit.op == "skip" else None,
+            )
+            if new is not value:
+                container = set_value(container, edit.indices, new, root=root)
+                changed = True
+        for indices in actions.captures:
+            key = (actions.site.module, actions.site.port, indices)
+            state.edits.captured[key] = get_value(container, indices, root=root, label=label)
+        for save in actions.saves:
+            if not save.before_edits:
+                self._save(state, save, container, root=root, label=label)
+        return container if changed else None
+
+    def _save(
+        self, state: _BatchState, save: SaveAction, container: Any, *, root: bool, label: str
+    ) -> None:
+        what = f"save '{save.save}'"
+        index = state.index_for(save.prompts, save.tokens, what)
+        if index is None:
+            return
+        value = get_value(container, save.indices, root=root, label=label)  # (B, T, ...)
+        batch = state.batch
+        if value.dim() < 2 or value.shape[0] != batch.size or value.shape[1] != batch.width:
+            raise RunError(
+                f"{what} at {label}: expected a value of shape (batch={batch.size}, "
+                f"tokens={batch.width}, ...) but it has shape {tuple(value.shape)}"
+            )
+        picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
+        picked = apply_steps(save.apply, picked, self.modules)
+        state.collected.setdefault(save.save, {})[save.layer] = (picked, index)
+
+    # -- results -------------------------------------------------------------
+
+    def _gather(self, batch: Batch) -> dict[str, SaveBatch]:
+        """Stack each save's layers and copy it to the host in one transfer."""
+        state = self._state
+        assert state is not None
+        out: dict[str, SaveBatch] = {}
+        for layout in self.plan.saves:
+            layers = state.collected.get(layout.name)
+            if layers is None:
+                selected = state.index_for(
+                    None if layout.prompts is None else frozenset(layout.prompts),
+                    layout.tokens,
+                    f"save '{layout.name}'",
+                )
+                if selected is None:
+                    continue  # no prompt of this batch is in the save
+                raise RunError(
+                    f"save '{layout.name}': the site {layout.sites[0]} never ran in the forward "
+                    f"pass, so there is nothing to save (is the module used by this model?)"
+                )
+            missing = [layout.sites[i] for i in range(len(layout.sites)) if i not in layers]
+            if missing:
+                raise RunError(f"save '{layout.name}': site {missing[0]} never ran in the forward pass")
+            index = layers[0][1]
+            values = [layers[i][0] for i in range(len(layout.sites))]
+            out[layout.name] = _to_host(values, index, layout.layered, batch)
+        return out
+
+
+def _to_host(values: list[Any], index: TokenIndex, layered: bool, batch: Batch) -> SaveBatch:
+    """(R, K, ...) per layer -> one host tensor (R, [L], K, ...), padding masked."""
+    extra_names: list[str] = []
+    if isinstance(values[0], dict):  # ops such as topk give several tensors
+        extra_names = [k for k in values[0] if k != "values"]
+        parts = {k: [v[k] for v in values] for k in values[0]}
+    else:
+        parts = {"values": values}
+    host: dict[str, torch.Tensor] = {}
+    for key, tensors in parts.items():
+        data = torch.stack(tensors, dim=1) if layered else tensors[0]  # (R, [L], K, ...)
+        if index.ragged:
+            valid = index.valid  # (R, K)
+            shape = (valid.shape[0],) + (1,) * int(layered) + (valid.shape[1],)
+            valid = valid.view(*shape, *([1] * (data.dim() - len(shape))))
+            fill = float("nan") if data.is_floating_point() else -1
+            data = torch.where(valid, data, torch.full((), fill, dtype=data.dtype, device=data.device))
+        host[key] = data.to("cpu")
+    rows = index.rows.tolist()
+    return SaveBatch(
+        data=host["values"],
+        prompt_ids=[batch.ids[r] for r in rows],
+        counts=index.counts.to("cpu") if index.ragged else None,
+        extra={k: host[k] for k in extra_names},
+    )
+
+
+def _first_input(inputs: Any) -> torch.Tensor | None:
+    """A module's first positional input (or first keyword argument), if a tensor."""
+    if inputs is None:
+        return None
+    args, kwargs = inputs
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    return first if isinstance(first, torch.Tensor) else None
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the model's own device, or the first shard's under a device map."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device

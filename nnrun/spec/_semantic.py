@@ -1,0 +1,254 @@
+"""Checks the schema cannot express (or expresses with poor messages).
+
+Each check looks only at values of the right type: wrong types are the schema's to report.
+Paths in ``covered`` already carry a schema issue; syntax checks skip them so that one
+mistake gives one issue.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ._constants import EDIT_OPS, MODEL_SOURCES, VALUE_OPS
+from ._location import parse_location
+from ._messages import did_you_mean, one_of_words, show
+from ._paths import join_path
+from ._select import parse_step_selection, parse_token_selection
+
+Issues = list[tuple[str, str]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Checker:
+    def __init__(self, data: dict[str, Any], covered: set[str]):
+        self.data = data
+        self.covered = covered
+        self.out: Issues = []
+        prompts = data.get("prompts")
+        # Prompt ids are only known up front when the prompts are written in the spec.
+        self.ids: list[str] | None = (
+            [k for k in prompts if isinstance(k, str)]
+            if isinstance(prompts, dict) and "file" not in prompts
+            else None
+        )
+        generate = data.get("generate")
+        self.has_generate = "generate" in data
+        max_new = generate.get("max_new_tokens") if isinstance(generate, dict) else None
+        self.max_new_tokens = max_new if _is_int(max_new) and max_new >= 1 else None
+
+    def add(self, path: str, message: str) -> None:
+        self.out.append((path, message))
+
+    # -- single values -------------------------------------------------------------
+
+    def location(self, value: Any, path: str) -> None:
+        if isinstance(value, str) and path not in self.covered:
+            try:
+                parse_location(value)
+            except ValueError as exc:
+                self.add(path, str(exc))
+
+    def prompt_id(self, value: Any, path: str) -> None:
+        if self.ids is not None and isinstance(value, str) and value not in self.ids:
+            message = f"unknown prompt {value!r}{did_you_mean(value, self.ids)}"
+            self.add(path, f"{message} (prompts: {', '.join(self.ids)})")
+
+    def prompt_ids(self, value: Any, path: str) -> None:
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                self.prompt_id(item, join_path(path, i))
+
+    def tokens(self, value: Any, path: str) -> None:
+        if value is not None and path not in self.covered:
+            try:
+                parse_token_selection(value)
+            except ValueError as exc:
+                self.add(path, str(exc))
+
+    def steps(self, value: Any, path: str) -> None:
+        if value is None or path in self.covered:
+            return
+        try:
+            selection = parse_step_selection(value)
+        except ValueError as exc:
+            self.add(path, str(exc))
+            return
+        if selection.kind == "all":
+            return
+        if not self.has_generate:
+            wanted = (
+                selection.resolve(1) if selection.kind == "slice" else list(selection.positions)
+            )
+            if selection.kind == "slice" and not wanted or any(p != 0 for p in wanted):
+                self.add(
+                    path,
+                    f"{show(value)} needs a generate: section "
+                    "(without it there is only step 0, the prompt pass)",
+                )
+            return
+        if self.max_new_tokens is None:
+            return  # generate itself is broken; the schema reports that
+        n = self.max_new_tokens
+        if selection.kind == "list":
+            beyond = [p for p in selection.positions if p >= n]
+            if beyond:
+                self.add(
+                    path,
+                    f"step {beyond[0]} is past the last step: generate.max_new_tokens is {n}, "
+                    f"so steps run from 0 to {n - 1}",
+                )
+        elif not selection.resolve(n):
+            self.add(
+                path,
+                f"{show(value)} selects no step: generate.max_new_tokens is {n}, "
+                f"so steps run from 0 to {n - 1}",
+            )
+
+    def file(self, value: Any, path: str, what: str) -> bool:
+        if not isinstance(value, str) or not value:
+            return False
+        if not Path(value).is_file():
+            # Relative paths in a spec are relative to the directory nnrun runs in.
+            self.add(path, f"{what} {value!r} not found (relative to {os.getcwd()})")
+            return False
+        return True
+
+    # -- sections ------------------------------------------------------------------
+
+    def prompts(self) -> None:
+        prompts = self.data.get("prompts")
+        if not isinstance(prompts, dict):
+            return
+        if "file" in prompts:
+            file = prompts["file"]
+            if self.file(file, "prompts.file", "prompt file"):
+                suffix = Path(file).suffix.lower()
+                if suffix not in (".jsonl", ".txt"):
+                    self.add(
+                        "prompts.file",
+                        f"prompt files are .jsonl (one JSON object per line) or .txt "
+                        f"(one prompt per line), not {suffix or 'a file without suffix'}",
+                    )
+            return
+        for pid, text in prompts.items():
+            if isinstance(text, str) and text and not text.strip():
+                self.add(join_path("prompts", pid), f"prompt {pid!r} is only whitespace")
+
+    def model(self) -> None:
+        model = self.data.get("model")
+        if not isinstance(model, dict):
+            return
+        sources = [k for k in MODEL_SOURCES if k in model]
+        if len(sources) > 1:
+            self.add(
+                "model",
+                f"give only one of path, id, gguf, builtin; found {one_of_words(sources, 'and')}",
+            )
+        if "device" in model and "device_map" in model:
+            self.add(
+                "model.device_map",
+                "device_map places the model over devices itself; remove device (or device_map)",
+            )
+
+    def generate(self) -> None:
+        generate = self.data.get("generate")
+        if not isinstance(generate, dict):
+            return
+        lo, hi = generate.get("min_new_tokens"), generate.get("max_new_tokens")
+        if _is_int(lo) and _is_int(hi) and lo > hi:
+            self.add(
+                "generate.min_new_tokens", f"min_new_tokens {lo} is more than max_new_tokens {hi}"
+            )
+
+    def saves(self) -> None:
+        saves = self.data.get("save")
+        if not isinstance(saves, dict):
+            return
+        for name, save in saves.items():
+            if not isinstance(save, dict):
+                continue
+            base = join_path("save", name)
+            self.location(save.get("at"), join_path(base, "at"))
+            self.prompt_ids(save.get("prompts"), join_path(base, "prompts"))
+            self.tokens(save.get("tokens"), join_path(base, "tokens"))
+            self.steps(save.get("steps"), join_path(base, "steps"))
+
+    def value(self, value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            return
+        if "from" in value:
+            self.prompt_id(value["from"], join_path(path, "from"))
+            if "at" in value:
+                self.location(value["at"], join_path(path, "at"))
+            if "tokens" in value:
+                self.tokens(value["tokens"], join_path(path, "tokens"))
+        elif "file" in value:
+            self.file(value["file"], join_path(path, "file"), "file")
+
+    def edits(self) -> None:
+        edits = self.data.get("edits")
+        if not isinstance(edits, list):
+            return
+        known = set(EDIT_OPS) | {"at", "prompts", "tokens", "steps", "alpha"}
+        for i, edit in enumerate(edits):
+            if not isinstance(edit, dict):
+                continue
+            base = join_path("edits", i)
+            self.location(edit.get("at"), join_path(base, "at"))
+            self.prompt_ids(edit.get("prompts"), join_path(base, "prompts"))
+            self.tokens(edit.get("tokens"), join_path(base, "tokens"))
+            self.steps(edit.get("steps"), join_path(base, "steps"))
+            ops = [op for op in EDIT_OPS if op in edit]
+            if not ops:
+                # A misspelt op (`mull`) is already reported as an unknown key with its fix.
+                typos = [k for k in edit if k not in known and did_you_mean(k, EDIT_OPS)]
+                if not typos:
+                    self.add(
+                        base,
+                        f"edit has no operation; use exactly one of {', '.join(EDIT_OPS)}",
+                    )
+            elif len(ops) > 1:
+                self.add(
+                    base,
+                    f"edit has {len(ops)} operations ({one_of_words(ops, 'and')}); "
+                    "use exactly one per edit",
+                )
+            if "alpha" in edit and "add" not in edit:
+                self.add(
+                    join_path(base, "alpha"), "alpha only goes with add (it scales the added value)"
+                )
+            for op in VALUE_OPS:
+                if op in edit:
+                    self.value(edit[op], join_path(base, op))
+            ablate = edit.get("mean_ablate")
+            if isinstance(ablate, dict):
+                self.prompt_ids(
+                    ablate.get("over"), join_path(join_path(base, "mean_ablate"), "over")
+                )
+            clamp = edit.get("clamp")
+            if isinstance(clamp, dict):
+                lo, hi = clamp.get("min"), clamp.get("max")
+                if (
+                    isinstance(lo, int | float)
+                    and isinstance(hi, int | float)
+                    and not isinstance(lo, bool)
+                    and not isinstance(hi, bool)
+                    and lo > hi
+                ):
+                    self.add(join_path(base, "clamp"), f"min {lo} is greater than max {hi}")
+
+
+def semantic_issues(data: dict[str, Any], covered: set[str]) -> Issues:
+    """All semantic problems of a (resolved) spec as (path, message) pairs."""
+    checker = _Checker(data, covered)
+    checker.prompts()
+    checker.model()
+    checker.generate()
+    checker.saves()
+    checker.edits()
+    return checker.out

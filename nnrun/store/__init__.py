@@ -1,0 +1,7 @@
+"""Stage 5: HDF5 output files, written atomically and read back."""
+
+from nnrun.store._provenance import provenance
+from nnrun.store._reader import Results, load
+from nnrun.store._writer import FORMAT_VERSION, OutputWriter, partial_path
+
+__all__ = ["FORMAT_VERSION", "OutputWriter", "Results", "load", "partial_path", "provenance"]

