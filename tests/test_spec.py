@@ -201,7 +201,12 @@ def test_prompt_file_defaults(in_tmp: Path) -> None:
     (in_tmp / "prompts.jsonl").write_text('{"text": "hi"}\n')
     text = "nnrun: 1\nprompts: {file: prompts.jsonl}\n"
     data = check_spec(write(in_tmp, "s.yaml", text)).data
-    assert data["prompts"] == {"file": "prompts.jsonl", "field": "text", "id_field": None, "limit": None}
+    assert data["prompts"] == {
+        "file": "prompts.jsonl",
+        "field": "text",
+        "id_field": None,
+        "limit": None,
+    }
 
 
 # -- load errors -------------------------------------------------------------------------
@@ -217,7 +222,9 @@ def test_duplicate_yaml_key_names_both_lines(tmp_path: Path) -> None:
 
 
 def test_duplicate_json_key(tmp_path: Path) -> None:
-    path = write(tmp_path, "dup.json", '{\n  "nnrun": 1,\n  "prompts": {"a": "x"},\n  "nnrun": 1\n}\n')
+    path = write(
+        tmp_path, "dup.json", '{\n  "nnrun": 1,\n  "prompts": {"a": "x"},\n  "nnrun": 1\n}\n'
+    )
     with pytest.raises(SpecError) as info:
         load_spec(path)
     issue = only(info.value.issues)
@@ -279,7 +286,10 @@ def test_spec_error_is_an_nnrun_error() -> None:
 @pytest.mark.parametrize(
     ("issue", "text"),
     [
-        (SpecIssue("save.resid.tokens[0]", "m", 12, "specs/x.yaml"), "specs/x.yaml:12: save.resid.tokens[0]: m"),
+        (
+            SpecIssue("save.resid.tokens[0]", "m", 12, "specs/x.yaml"),
+            "specs/x.yaml:12: save.resid.tokens[0]: m",
+        ),
         (SpecIssue("edits[1].at", "m", None, "x.yaml"), "x.yaml: edits[1].at: m"),
         (SpecIssue("", "m", 4, None), "line 4: m"),
         (SpecIssue("seed", "m"), "seed: m"),
@@ -431,45 +441,135 @@ CASES = [
     ("save:\n  r:\n    at: output\n    tokens: '::2'\n", "save.r.tokens", "slices with a step", 8),
     ("save:\n  r:\n    at: output\n    tokens: [1, 1]\n", "save.r.tokens", "listed twice", 8),
     ("save:\n  r:\n    at: output\n    tokens: abc\n", "save.r.tokens", "got 'abc'", 8),
-    ("save:\n  r:\n    at: output\n    steps: 2\n", "save.r.steps", "2 needs a generate: section", 8),
+    (
+        "save:\n  r:\n    at: output\n    steps: 2\n",
+        "save.r.steps",
+        "2 needs a generate: section",
+        8,
+    ),
     ("save:\n  r:\n    at: output\n    steps: -1\n", "save.r.steps", "negative", 8),
-    ("save:\n  r:\n    at: output\n    prompts: [clen]\n", "save.r.prompts[0]", "did you mean 'clean'", 8),
-    ("save:\n  r:\n    at: output\n    prompts: clean\n", "save.r.prompts", "list of prompt ids", 8),
+    (
+        "save:\n  r:\n    at: output\n    prompts: [clen]\n",
+        "save.r.prompts[0]",
+        "did you mean 'clean'",
+        8,
+    ),
+    (
+        "save:\n  r:\n    at: output\n    prompts: clean\n",
+        "save.r.prompts",
+        "list of prompt ids",
+        8,
+    ),
     ("save:\n  r:\n    at: output\n    apply: [model..norm]\n", "save.r.apply[0]", "named op", 8),
-    ("save:\n  r:\n    at: output\n    apply: [{topk: 0}]\n", "save.r.apply[0].topk", "at least 1", 8),
-    ("save:\n  1r: {at: output}\n", "save[\"1r\"]", "name '1r' must start with a letter", 6),
+    (
+        "save:\n  r:\n    at: output\n    apply: [{topk: 0}]\n",
+        "save.r.apply[0].topk",
+        "at least 1",
+        8,
+    ),
+    ("save:\n  1r: {at: output}\n", 'save["1r"]', "name '1r' must start with a letter", 6),
     (
         "generate: {max_new_tokens: 3}\nsave:\n  r: {at: output, steps: [0, 3]}\n",
         "save.r.steps",
         "step 3 is past the last step: generate.max_new_tokens is 3, so steps run from 0 to 2",
         7,
     ),
-    ("generate: {max_new_tokens: 3, num_beams: 2}\n", "generate.num_beams", "(allowed: max_new_tokens,", 5),
+    (
+        "generate: {max_new_tokens: 3, num_beams: 2}\n",
+        "generate.num_beams",
+        "(allowed: max_new_tokens,",
+        5,
+    ),
     ("generate: {do_sample: true}\n", "generate", "missing required key 'max_new_tokens'", 5),
-    ("generate: {max_new_tokens: 2, min_new_tokens: 3}\n", "generate.min_new_tokens", "more than", 5),
-    ("edits:\n  - at: output\n", "edits[0]", "edit has no operation; use exactly one of set, add,", 6),
-    ("edits:\n  - at: output\n    add: 1\n    mul: 2\n", "edits[0]", "2 operations (add and mul)", 6),
+    (
+        "generate: {max_new_tokens: 2, min_new_tokens: 3}\n",
+        "generate.min_new_tokens",
+        "more than",
+        5,
+    ),
+    (
+        "edits:\n  - at: output\n",
+        "edits[0]",
+        "edit has no operation; use exactly one of set, add,",
+        6,
+    ),
+    (
+        "edits:\n  - at: output\n    add: 1\n    mul: 2\n",
+        "edits[0]",
+        "2 operations (add and mul)",
+        6,
+    ),
     ("edits:\n  - at: output\n    mull: 2\n", "edits[0].mull", "did you mean 'mul'?", 7),
-    ("edits:\n  - at: output\n    set: 1\n    alpha: 2\n", "edits[0].alpha", "alpha only goes with add", 8),
-    ("edits:\n  - at: output\n    clamp: {min: 3, max: 1}\n", "edits[0].clamp", "min 3 is greater than max 1", 7),
+    (
+        "edits:\n  - at: output\n    set: 1\n    alpha: 2\n",
+        "edits[0].alpha",
+        "alpha only goes with add",
+        8,
+    ),
+    (
+        "edits:\n  - at: output\n    clamp: {min: 3, max: 1}\n",
+        "edits[0].clamp",
+        "min 3 is greater than max 1",
+        7,
+    ),
     ("edits:\n  - at: output\n    clamp: {}\n", "edits[0].clamp", "at least one of min or max", 7),
     ("edits:\n  - at: output\n    noise: {std: 0}\n", "edits[0].noise.std", "greater than 0", 7),
     ("edits:\n  - at: output\n    zero: false\n", "edits[0].zero", "must be true", 7),
-    ("edits:\n  - at: output\n    skip: true\n    steps: 1\n", "edits[0].steps", "needs a generate:", 8),
+    (
+        "edits:\n  - at: output\n    skip: true\n    steps: 1\n",
+        "edits[0].steps",
+        "needs a generate:",
+        8,
+    ),
     (
         "edits:\n  - at: output\n    mean_ablate: {over: [clean, crrupt]}\n",
         "edits[0].mean_ablate.over[1]",
         "unknown prompt 'crrupt'; did you mean 'corrupt'?",
         7,
     ),
-    ("edits:\n  - at: output\n    set: {from: clan}\n", "edits[0].set.from", "did you mean 'clean'", 7),
-    ("edits:\n  - at: output\n    set: {from: clean, at: model.x}\n", "edits[0].set.at", "no port", 7),
-    ("edits:\n  - at: output\n    set: {from: clean, tokns: 1}\n", "edits[0].set.tokns", "did you mean 'tokens'", 7),
-    ("edits:\n  - at: output\n    set: {file: steer.h5}\n", "edits[0].set", "missing required key 'dataset'", 7),
-    ("edits:\n  - at: output\n    add: {file: nope.h5, dataset: v}\n", "edits[0].add.file", "'nope.h5' not found", 7),
-    ("edits:\n  - at: output\n    set: abc\n", "edits[0].set", "expected a number, a nested list", 7),
+    (
+        "edits:\n  - at: output\n    set: {from: clan}\n",
+        "edits[0].set.from",
+        "did you mean 'clean'",
+        7,
+    ),
+    (
+        "edits:\n  - at: output\n    set: {from: clean, at: model.x}\n",
+        "edits[0].set.at",
+        "no port",
+        7,
+    ),
+    (
+        "edits:\n  - at: output\n    set: {from: clean, tokns: 1}\n",
+        "edits[0].set.tokns",
+        "did you mean 'tokens'",
+        7,
+    ),
+    (
+        "edits:\n  - at: output\n    set: {file: steer.h5}\n",
+        "edits[0].set",
+        "missing required key 'dataset'",
+        7,
+    ),
+    (
+        "edits:\n  - at: output\n    add: {file: nope.h5, dataset: v}\n",
+        "edits[0].add.file",
+        "'nope.h5' not found",
+        7,
+    ),
+    (
+        "edits:\n  - at: output\n    set: abc\n",
+        "edits[0].set",
+        "expected a number, a nested list",
+        7,
+    ),
     ("edits:\n  - at: output\n    set: [[1, 2], [3, x]]\n", "edits[0].set[1][1]", "got 'x'", 7),
-    ("model: {path: a, id: org/b}\n", "model", "only one of path, id, gguf, builtin; found path and id", 5),
+    (
+        "model: {path: a, id: org/b}\n",
+        "model",
+        "only one of path, id, gguf, builtin; found path and id",
+        5,
+    ),
     ("model: {device: cpu, device_map: auto}\n", "model.device_map", "remove device", 5),
     ("model:\n  dtype: fp16\n", "model.dtype", "did you mean 'float16'?", 6),
     ("model:\n  device: gpu\n", "model.device", "is not a device", 6),
@@ -497,7 +597,11 @@ def test_single_mistake(in_tmp: Path, snippet: str, path: str, fragment: str, li
     ("text", "path", "fragment"),
     [
         ("prompts: {a: x}\n", "", "this file is not an nnrun spec (missing `nnrun: 1`)"),
-        ("nnrun: 2\nprompts: {a: x}\n", "nnrun", "unsupported format version 2; this nnrun reads format 1"),
+        (
+            "nnrun: 2\nprompts: {a: x}\n",
+            "nnrun",
+            "unsupported format version 2; this nnrun reads format 1",
+        ),
         ("nnrun: '1'\nprompts: {a: x}\n", "nnrun", "must be the number 1"),
         ("nnrun: 1\n", "", "missing required key 'prompts'"),
         ("nnrun: 1\nprompts: {a: ''}\n", "prompts.a", "must not be empty"),
@@ -505,8 +609,16 @@ def test_single_mistake(in_tmp: Path, snippet: str, path: str, fragment: str, li
         ("nnrun: 1\nprompts: [x, 3]\n", "prompts[1]", "expected a string, got 3"),
         ("nnrun: 1\nprompts: []\n", "prompts", "must not be empty"),
         ("nnrun: 1\nprompts: hello\n", "prompts", "got 'hello'"),
-        ("nnrun: 1\nprompts: {file: nope.jsonl}\n", "prompts.file", "prompt file 'nope.jsonl' not found"),
-        ("nnrun: 1\nprompts: {file: p.jsonl, fields: t}\n", "prompts.fields", "did you mean 'field'"),
+        (
+            "nnrun: 1\nprompts: {file: nope.jsonl}\n",
+            "prompts.file",
+            "prompt file 'nope.jsonl' not found",
+        ),
+        (
+            "nnrun: 1\nprompts: {file: p.jsonl, fields: t}\n",
+            "prompts.fields",
+            "did you mean 'field'",
+        ),
     ],
 )
 def test_document_level_mistakes(in_tmp: Path, text: str, path: str, fragment: str) -> None:
@@ -545,8 +657,14 @@ LOCATIONS_OK = [
     ("model.layers[*].output", Location(("model", "layers", W), "output")),
     ("model.layers[0:10].output", Location(("model", "layers", SliceSel(0, 10)), "output")),
     ("model.layers[:-2].input", Location(("model", "layers", SliceSel(None, -2)), "input")),
-    ("model.layers.2.self_attn.output[0]", Location(("model", "layers", 2, "self_attn"), "output", (0,))),
-    ("model.layers.3.mlp.down_proj.input", Location(("model", "layers", 3, "mlp", "down_proj"), "input")),
+    (
+        "model.layers.2.self_attn.output[0]",
+        Location(("model", "layers", 2, "self_attn"), "output", (0,)),
+    ),
+    (
+        "model.layers.3.mlp.down_proj.input",
+        Location(("model", "layers", 3, "mlp", "down_proj"), "input"),
+    ),
     ("output", Location((), "output")),
     ("input", Location((), "input")),
     ("output[0][1]", Location((), "output", (0, 1))),
@@ -637,7 +755,15 @@ def test_token_selection_kinds_and_out_of_range() -> None:
 
 @pytest.mark.parametrize(
     ("value", "fragment"),
-    [("::2", "step"), ("1:5:2", "step"), ([], "empty"), ([1, "a"], "integers"), (True, "got true"), ("3", "as a number"), ([2, 2], "twice")],
+    [
+        ("::2", "step"),
+        ("1:5:2", "step"),
+        ([], "empty"),
+        ([1, "a"], "integers"),
+        (True, "got true"),
+        ("3", "as a number"),
+        ([2, 2], "twice"),
+    ],
 )
 def test_token_selection_rejected(value: object, fragment: str) -> None:
     with pytest.raises(ValueError, match=re.escape(fragment)):
@@ -676,7 +802,10 @@ def test_schema_is_valid_and_documented() -> None:
     _walk_properties(schema, "#", missing)
     assert missing == []
     assert tuple(schema["properties"]) == TOP_LEVEL_KEYS
-    assert tuple(schema["$defs"]["Edit"]["oneOf"][i]["required"][0] for i in range(len(EDIT_OPS))) == EDIT_OPS
+    assert (
+        tuple(schema["$defs"]["Edit"]["oneOf"][i]["required"][0] for i in range(len(EDIT_OPS)))
+        == EDIT_OPS
+    )
 
 
 def test_additional_properties_false_on_every_fixed_object() -> None:
