@@ -9,7 +9,7 @@ torch.Size([2, 30, 1, 576])
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,15 @@ def run(
     """
     from nnrun.compile import compile_plan
     from nnrun.engine import Engine, count_prompts
-    from nnrun.models import load_model
     from nnrun.store import OutputWriter, provenance
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
-    model = load_model(loaded.data["model"], progress=log)
-    plan = compile_plan(loaded, model.model)
+    model = load_model_for(loaded, log)
+    plan = compile_plan(loaded, model.model, model.tokenizer)
     if output is not None:
         plan = replace(plan, output=Path(output))
     engine = Engine(plan, model.model, model.tokenizer)
+    engine.preflight()
     attrs = provenance(plan.spec_text, plan.seed, model.info.as_attrs(), str(engine.device))
     total = count_prompts(plan.prompts)
     done = 0
@@ -93,8 +93,10 @@ def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tu
 
     found: dict[str, dict[str, list[tuple[str, float]]]] = {}
     candidates = [
-        name for name in results
-        if results.axes(name)[-1] == "vocab" and results.axes(name)[-2] == "token"
+        name
+        for name in results
+        if results.axes(name)[-1] == "vocab"
+        and results.axes(name)[-2] == "token"
         and "." not in name
     ]
     path = results.attrs.get("model_resolved_path")
@@ -118,3 +120,164 @@ def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tu
             by_prompt[prompt] = [(tokenizer.decode([int(i)]), float(probs[i])) for i in top]
         found[name] = by_prompt
     return found
+
+
+@dataclass
+class PlanReport:
+    """A compiled plan plus what `nnrun plan` shows about it."""
+
+    plan: Any  # nnrun.compile.Plan
+    prompt_count: int
+    batches: int
+    save_shapes: dict[str, tuple[int, ...]]  # estimated full dataset shape per save
+    save_bytes: dict[str, int]
+    model_name: str
+
+
+def plan(
+    spec: str | Path | dict[str, Any] | LoadedSpec,
+    overrides: Sequence[str] = (),
+    *,
+    log: Callable[[str], None] | None = None,
+) -> PlanReport:
+    """Compile a spec against its model and estimate the output; no prompt is run.
+
+    The model is loaded (its module tree and a two-token probe pass fix the
+    execution order and each site's shape), but none of the spec's prompts
+    go through it.
+    """
+    import math
+
+    import torch
+
+    from nnrun.compile import compile_plan, probe_sites
+    from nnrun.engine import count_prompts, make_batch
+    from nnrun.engine._apply import apply_steps
+
+    loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
+    model = load_model_for(loaded, log)
+    compiled = compile_plan(loaded, model.model, model.tokenizer)
+    sites = probe_sites(model.model, tokenizer=model.tokenizer)
+    count = count_prompts(compiled.prompts)
+    longest = 1
+    if compiled.prompts.inline:
+        batch = make_batch(
+            list(compiled.prompts.inline), model.tokenizer, torch.device("cpu"), left_pad=False
+        )
+        longest = batch.width
+    modules = dict(model.model.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+    sizes: dict[str, int] = {}
+    for layout in compiled.saves:
+        module, port = _site_of(layout.sites[0])
+        probed = sites[(module, port)].shape
+        indices = next(a.indices for s in compiled.sites for a in s.saves if a.save == layout.name)
+        own = _value_shape(probed, indices, root=module == "")
+        tokens = len(layout.tokens.positions) if layout.tokens.kind == "list" else longest
+        sample = torch.zeros((1, 1, *own), dtype=model.model.dtype)
+        with torch.inference_mode():
+            out = apply_steps(layout.apply, sample, modules)
+        out = out["values"] if isinstance(out, dict) else out
+        rows = len(layout.prompts) if layout.prompts is not None else count
+        shape = (rows,) + ((len(layout.sites),) if layout.layered else ()) + (tokens,)
+        shape += tuple(out.shape[2:])
+        shapes[layout.name] = shape
+        sizes[layout.name] = math.prod(shape) * out.element_size()
+    return PlanReport(
+        plan=compiled,
+        prompt_count=count,
+        batches=math.ceil(count / compiled.batch_size),
+        save_shapes=shapes,
+        save_bytes=sizes,
+        model_name=model.info.name,
+    )
+
+
+def load_model_for(loaded: LoadedSpec, log: Callable[[str], None] | None = None) -> Any:
+    """The model a loaded spec names (see nnrun.models.load_model)."""
+    from nnrun.models import load_model
+
+    return load_model(loaded.data["model"], progress=log)
+
+
+def _site_of(label: str) -> tuple[str, str]:
+    base = label.split("[", 1)[0]
+    module, _, port = base.rpartition(".")
+    return module, port
+
+
+def _value_shape(probed: Any, indices: tuple[int, ...], *, root: bool) -> tuple[int, ...]:
+    """A probed site's value axes after (batch, tokens), at the save's tuple indices."""
+    path = list(indices)
+    if root and not path and probed and not isinstance(probed[0], int):
+        path = [0]  # a model output's main tensor comes first (logits / last_hidden_state)
+    for i in path:
+        probed = probed[i]
+    return tuple(probed[2:])
+
+
+@dataclass
+class ModuleRow:
+    """One module of `nnrun modules`: its path, class and the shapes it carried."""
+
+    path: str
+    cls: str
+    depth: int
+    output: Any  # Shape
+    input: Any
+
+
+def module_tree(
+    model_spec: dict[str, Any],
+    prompt: str = "The capital of France is",
+    *,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[ModuleRow], str]:
+    """Every module of a model with the shapes it carries for a sample prompt.
+
+    Returns the rows (modules in registration order) and the model's name.
+    """
+    from nnrun.compile import probe_sites
+    from nnrun.models import load_model
+
+    model = load_model(model_spec, progress=log)
+    ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    sites = probe_sites(model.model, ids)
+    rows = []
+    for name, module in model.model.named_modules():
+        out, inp = sites.get((name, "output")), sites.get((name, "input"))
+        rows.append(
+            ModuleRow(
+                path=name,
+                cls=type(module).__name__,
+                depth=name.count(".") + 1 if name else 0,
+                output=None if out is None else out.shape,
+                input=None if inp is None else inp.shape,
+            )
+        )
+    return rows, model.info.name
+
+
+def model_spec_for(target: str) -> tuple[dict[str, Any], str]:
+    """The `model:` mapping and a sample prompt for `nnrun modules TARGET`.
+
+    TARGET is a spec file (its model and first inline prompt), a model
+    directory, a .gguf file, a builtin model name, or a hub id.
+    """
+    from nnrun.models._builtin import builtin_names
+
+    sample = "The capital of France is"
+    path = Path(target)
+    if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
+        loaded = check_spec(path)
+        prompts = loaded.data.get("prompts", {})
+        if isinstance(prompts, dict) and "file" not in prompts and prompts:
+            sample = str(next(iter(prompts.values())))
+        return dict(loaded.data["model"]), sample
+    if path.is_dir():
+        return {"path": str(path)}, sample
+    if path.suffix == ".gguf":
+        return {"gguf": str(path)}, sample
+    if target in builtin_names():
+        return {"builtin": target}, sample
+    return {"id": target}, sample

@@ -52,8 +52,12 @@ def run(
     from nnrun import api
 
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err_console, transient=True,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
     ) as bar:
         task = bar.add_task("prompts", total=None)
 
@@ -103,6 +107,119 @@ def schema() -> None:
 
 
 @app.command()
+def plan(
+    spec: Annotated[Path, typer.Argument(help="The spec file (YAML or JSON).")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override a spec key (key.path=value).")
+    ] = None,
+) -> None:
+    """Show the compiled plan: sites in execution order, actions, batches, output size."""
+    from nnrun import api
+
+    report = api.plan(spec, set_ or (), log=_log)
+    compiled = report.plan
+    table = Table(title=f"plan for {spec} on {report.model_name}")
+    for column in ("#", "site", "action", "prompts", "tokens", "steps"):
+        table.add_column(column, no_wrap=column in ("#", "site"), overflow="fold")
+    for actions in compiled.sites:
+        rows = [
+            (
+                "save",
+                a.save
+                + (
+                    f" [layer {a.layer}]"
+                    if len(next(s for s in compiled.saves if s.name == a.save).sites) > 1
+                    else ""
+                )
+                + (" (before edits)" if a.before_edits else ""),
+                a,
+            )
+            for a in actions.saves
+            if a.before_edits
+        ]
+        rows += [("edit", f"{e.label}" + _operand_text(e), e) for e in actions.edits]
+        rows += [
+            (
+                "save",
+                a.save
+                + (
+                    f" [layer {a.layer}]"
+                    if len(next(s for s in compiled.saves if s.name == a.save).sites) > 1
+                    else ""
+                ),
+                a,
+            )
+            for a in actions.saves
+            if not a.before_edits
+        ]
+        rows += [
+            ("capture", f"source value{''.join(f'[{i}]' for i in c)}", None)
+            for c in actions.captures
+        ]
+        for kind, text, action in rows:
+            prompts = (
+                "all"
+                if action is None or action.prompts is None
+                else ", ".join(sorted(action.prompts))
+            )
+            table.add_row(
+                str(actions.site.order),
+                actions.site.label,
+                f"{kind} {text}",
+                prompts,
+                "" if action is None else str(action.tokens),
+                "" if action is None else str(action.steps),
+            )
+    console.print(table)
+    layout = Table(title="output", show_header=True)
+    for column in ("save", "estimated shape", "estimated bytes"):
+        layout.add_column(column)
+    for name, shape in report.save_shapes.items():
+        layout.add_row(name, str(shape), f"{report.save_bytes[name]:,}")
+    console.print(layout)
+    sources = (
+        f", plus source rows {', '.join(compiled.source_prompts)} in every batch"
+        if compiled.source_prompts
+        else ""
+    )
+    console.print(
+        f"{report.prompt_count} prompts in {report.batches} batch(es) of up to "
+        f"{compiled.batch_size}{sources}; {compiled.passes} forward pass per batch; "
+        f"about {sum(report.save_bytes.values()):,} bytes to {compiled.output}"
+    )
+    for warning in compiled.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@app.command()
+def modules(
+    model: Annotated[
+        str, typer.Argument(help="A model dir, a .gguf file, a spec file, or a builtin name.")
+    ] = "smollm2-135m-instruct",
+    prompt: Annotated[str | None, typer.Option(help="Sample prompt used to find shapes.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Show modules down to this depth only.")] = None,
+) -> None:
+    """List a model's module paths with their output shapes for a sample prompt."""
+    from nnrun import api
+
+    model_spec, sample = api.model_spec_for(model)
+    rows, name = api.module_tree(model_spec, prompt or sample, log=_log)
+    table = Table(title=f"{name}: modules (shapes for {prompt or sample!r})")
+    for column in ("path", "class", "output shape"):
+        table.add_column(column)
+    for row in rows:
+        if depth is not None and row.depth > depth:
+            continue
+        shown = "(does not run)" if row.output is None and row.input is None else str(row.output)
+        table.add_row("  " * max(0, row.depth - 1) + (row.path or "(model)"), row.cls, shown)
+    console.print(table)
+    console.print(
+        "[dim]write a location as PATH.output or PATH.input, e.g. "
+        f"{rows[-1].path or 'layer'}.output[/dim]"
+    )
+
+
+@app.command()
 def show(
     output: Annotated[Path, typer.Argument(help="An nnrun output file (.h5).")],
 ) -> None:
@@ -111,12 +228,37 @@ def show(
 
     results = load(output)
     table = Table(title=str(output), show_header=False, box=None)
-    for key in ("status", "nnrun_version", "model_name", "model_class", "device", "seed",
-                "spec_sha256", "git_commit", "finished_utc"):
+    for key in (
+        "status",
+        "nnrun_version",
+        "model_name",
+        "model_class",
+        "device",
+        "seed",
+        "spec_sha256",
+        "git_commit",
+        "finished_utc",
+    ):
         if key in results.attrs:
             table.add_row(key, str(results.attrs[key]))
     console.print(table)
     _print_summary(results)
+
+
+def _log(message: str) -> None:
+    err_console.print(f"[dim]{message}[/dim]")
+
+
+def _operand_text(edit) -> str:
+    operand = edit.operand
+    if operand is None:
+        return ""
+    if hasattr(operand, "prompt"):
+        site = operand.module + "." + operand.port if operand.module else operand.port
+        return f" from '{operand.prompt}' at {site}"
+    if hasattr(operand, "file"):
+        return f" from {operand.file}:{operand.dataset}"
+    return f" {operand.data!r}"[:40]
 
 
 def _print_summary(results) -> None:

@@ -1,6 +1,7 @@
 """Stage 3: compile a validated spec against a model's module tree into a Plan."""
 
 from nnrun.compile._compile import compile_plan
+from nnrun.compile._probe import SiteInfo, model_device, probe_sites, shape_of
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
 from nnrun.compile.plan import (
     ApplyStep,
@@ -23,6 +24,10 @@ __all__ = [
     "SaveAction",
     "SaveLayout",
     "SiteActions",
+    "SiteInfo",
+    "model_device",
+    "probe_sites",
+    "shape_of",
     "compile_plan",
     "resolve_location",
 ]

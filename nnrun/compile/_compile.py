@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from nnrun.compile._order import execution_order
+from nnrun.compile._probe import probe_sites
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
 from nnrun.compile.plan import (
     ApplyStep,
@@ -36,19 +36,21 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
     """Turn a validated spec into a Plan for this model.
 
     Sites are ordered by the model's real execution order, found by a
-    one-token probe pass (see `execution_order`); no prompt is run.
+    two-token probe pass (see `probe_sites`); no prompt is run.
 
     >>> plan = compile_plan(check_spec("specs/logit-lens.yaml"), model)  # doctest: +SKIP
     >>> [s.site.label for s in plan.sites]                               # doctest: +SKIP
     ['model.layers.0.output', ..., 'output']
     """
     data = spec.data
-    order = execution_order(model, tokenizer)
+    order = {key: info.rank for key, info in probe_sites(model, tokenizer=tokenizer).items()}
     saves_at: dict[_SITE_KEY, list[SaveAction]] = defaultdict(list)
     edits_at: dict[_SITE_KEY, list[EditAction]] = defaultdict(list)
     captures_at: dict[_SITE_KEY, set[tuple[int, ...]]] = defaultdict(set)
     layouts: list[SaveLayout] = []
     sources: list[str] = []
+    generate = data.get("generate")
+    max_steps = int(generate["max_new_tokens"]) if generate else 1
 
     def ranked(site: ResolvedLocation, what: str) -> int:
         rank = order.get((site.module, site.port))
@@ -89,6 +91,7 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
                 prompts=prompts,
                 tokens=tokens,
                 apply=apply,
+                steps=tuple(steps.resolve(max_steps)) if generate else None,
             )
         )
 
@@ -153,6 +156,7 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
         sites=sites,
         saves=tuple(layouts),
         spec_text=spec.text,
+        generate=dict(generate) if generate else None,
         source_prompts=tuple(dict.fromkeys(sources)),
     )
 

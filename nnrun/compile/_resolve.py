@@ -95,9 +95,9 @@ def _nearest(model: nn.Module, wanted: str, text: str) -> str:
         # Fall back to siblings of the deepest prefix that exists.
         parent = wanted.rsplit(".", 1)[0] if "." in wanted else ""
         depth = parent.count(".") + 1 if parent else 0
-        close = [
-            n for n in names if n.startswith(parent) and n.count(".") == depth
-        ][:5] or [n for n in names if "." not in n][:5]
+        close = [n for n in names if n.startswith(parent) and n.count(".") == depth][:5] or [
+            n for n in names if "." not in n
+        ][:5]
     if not close:
         return ""
     suggestions = ", ".join(f"'{c}'" for c in close)

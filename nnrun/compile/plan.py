@@ -141,10 +141,17 @@ class SaveLayout:
     prompts: tuple[str, ...] | None  # ids in dataset order; None = every prompt, in run order
     tokens: TokenSelection
     apply: tuple[ApplyStep, ...]
+    # Generation steps on the step axis (None without `generate:`: no step axis).
+    steps: tuple[int, ...] | None = None
 
     @property
     def leading_axes(self) -> tuple[str, ...]:
-        return ("prompt", "layer", "token") if self.layered else ("prompt", "token")
+        axes = ("prompt",) + (("layer",) if self.layered else ())
+        return axes + (("step",) if self.steps is not None else ()) + ("token",)
+
+    @property
+    def token_axis(self) -> int:
+        return len(self.leading_axes) - 1
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,8 @@ class Plan:
     sites: tuple[SiteActions, ...]
     saves: tuple[SaveLayout, ...]
     spec_text: str
+    # Arguments for `model.generate` (None: one forward pass per batch).
+    generate: dict[str, Any] | None = None
     # Prompts whose values other prompts' edits read (`from:`, `mean_ablate.over`):
     # every micro-batch carries them as extra rows.
     source_prompts: tuple[str, ...] = ()

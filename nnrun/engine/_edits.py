@@ -33,7 +33,9 @@ class OperandCache:
             try:
                 host = torch.tensor(edit.operand.data, dtype=torch.float64)
             except (TypeError, ValueError):
-                raise RunError(f"{edit.label}: the value is not a number or a nested list of numbers") from None
+                raise RunError(
+                    f"{edit.label}: the value is not a number or a nested list of numbers"
+                ) from None
             self._device[key] = host.to(device=like.device, dtype=like.dtype)
         return self._device[key]
 
@@ -56,7 +58,9 @@ def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
 
     path = Path(operand.file)
     if not path.is_file():
-        raise RunError(f"{what}: no such file '{path}' (relative paths start at the current directory)")
+        raise RunError(
+            f"{what}: no such file '{path}' (relative paths start at the current directory)"
+        )
     try:
         with h5py.File(path, "r") as f:
             if operand.dataset not in f or not isinstance(f[operand.dataset], h5py.Dataset):
@@ -79,13 +83,23 @@ class EditContext:
         self.operands = operands
         self.generator = generator
         self.captured: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
+        self.step = 0  # the generation step of the forward pass under way
+        self.width = batch.width  # how many tokens per row that forward takes
         self._index: dict[Any, TokenIndex | None] = {}
 
-    def index(self, prompts: frozenset[str] | None, tokens, what: str) -> TokenIndex | None:
-        key = (prompts, tokens, "edit")
+    def index(
+        self, prompts: frozenset[str] | None, tokens, what: str, value_tokens: int | None = None
+    ) -> TokenIndex | None:
+        """Rows and columns of a selection at this step, fitted to a value's token axis."""
+        key = (prompts, tokens, self.step)
         if key not in self._index:
-            self._index[key] = token_index(self.batch, prompts, tokens, what=what, include_aux=True)
-        return self._index[key]
+            self._index[key] = token_index(
+                self.batch, prompts, tokens, what=what, include_aux=True, step=self.step
+            )
+        found = self._index[key]
+        if found is None or value_tokens is None:
+            return found
+        return found.fit(value_tokens, self.width, what)
 
 
 def apply_edit(
@@ -98,15 +112,15 @@ def apply_edit(
     module_input: torch.Tensor | None,
 ) -> torch.Tensor:
     """The site's value with `edit` applied to its selection."""
-    index = ctx.index(edit.prompts, edit.tokens, edit.label)
-    if index is None:
-        return value
     batch = ctx.batch
-    if value.dim() < 2 or value.shape[0] != batch.size or value.shape[1] != batch.width:
+    if value.dim() < 2 or value.shape[0] != batch.size:
         raise RunError(
             f"{edit.label} at {label}: expected a value of shape (batch={batch.size}, "
-            f"tokens={batch.width}, ...) but it has shape {tuple(value.shape)}"
+            f"tokens, ...) but it has shape {tuple(value.shape)}"
         )
+    index = ctx.index(edit.prompts, edit.tokens, edit.label, value.shape[1])
+    if index is None or not bool(index.valid.any()):
+        return value  # nothing selected at this step
     selected = value[index.rows[:, None], index.columns]  # (R, K, ...)
     new = _compute(edit, selected, value, index, ctx, site_key, label, module_input)
     rows, columns = index.valid_entries()
@@ -139,7 +153,11 @@ def _compute(
         return _broadcast(edit, _mean_over(edit, value, ctx), selected, label)
     if op == "skip":
         if module_input is None or module_input.shape != value.shape:
-            got = "no tensor input" if module_input is None else f"input shape {tuple(module_input.shape)}"
+            got = (
+                "no tensor input"
+                if module_input is None
+                else f"input shape {tuple(module_input.shape)}"
+            )
             raise RunError(
                 f"{edit.label} at {label}: skip passes the module's input through, but it has "
                 f"{got} and output shape {tuple(value.shape)}; skip needs the two to match"
@@ -178,7 +196,12 @@ def _operand(
     if source is None:
         raise RunError(f"{edit.label}: the source site of prompt '{operand.prompt}' did not run")
     tokens = operand.tokens or edit.tokens
-    found = ctx.index(frozenset([operand.prompt]), tokens, f"{edit.label} from '{operand.prompt}'")
+    found = ctx.index(
+        frozenset([operand.prompt]),
+        tokens,
+        f"{edit.label} from '{operand.prompt}'",
+        source.shape[1],
+    )
     if found is None:
         raise RunError(f"{edit.label}: prompt '{operand.prompt}' is not in this batch")
     found = TokenIndex(found.rows[:1], found.columns[:1], found.counts[:1], found.ragged)
@@ -193,7 +216,7 @@ def _operand(
 
 def _mean_over(edit: EditAction, value: torch.Tensor, ctx: EditContext) -> torch.Tensor:
     over = frozenset(edit.params["over"])
-    found = ctx.index(over, edit.tokens, f"{edit.label} over {sorted(over)}")
+    found = ctx.index(over, edit.tokens, f"{edit.label} over {sorted(over)}", value.shape[1])
     if found is None:
         raise RunError(f"{edit.label}: none of the prompts {sorted(over)} is in this batch")
     picked = value[found.rows[:, None], found.columns]  # (Ro, Ko, ...)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
+from nnrun.compile._probe import model_device
 from nnrun.compile.plan import FileValue, Plan, SaveAction, SiteActions
 from nnrun.engine._apply import apply_steps
 from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_ids
@@ -18,6 +20,7 @@ from nnrun.engine._edits import EditContext, OperandCache, apply_edit
 from nnrun.engine._ports import get_value, set_value
 from nnrun.engine._select import TokenIndex, token_index
 from nnrun.errors import RunError
+from nnrun.spec import StepSelection
 
 
 @dataclass
@@ -38,6 +41,8 @@ class BatchResult:
     texts: list[str]
     token_ids: list[list[int]]
     saves: dict[str, SaveBatch]
+    generated: list[list[int]] | None = None  # new token ids per prompt (up to EOS)
+    generated_text: list[str] | None = None
 
 
 class _BatchState:
@@ -46,15 +51,23 @@ class _BatchState:
     def __init__(self, batch: Batch, edits: EditContext) -> None:
         self.batch = batch
         self.edits = edits
+        self.step = -1  # the step hook sets 0 for the prompt pass, k for the k-th new token
         self.indices: dict[tuple[Any, ...], TokenIndex | None] = {}
-        # save name -> layer -> (values, token index) kept on the device until
-        # the batch ends, so the host copy is one transfer per save.
-        self.collected: dict[str, dict[int, tuple[Any, TokenIndex]]] = {}
+        # save name -> (layer, step) -> (values, token index) kept on the device
+        # until the batch ends, so the host copy is one transfer per save.
+        self.collected: dict[str, dict[tuple[int, int], tuple[Any, TokenIndex]]] = {}
+
+    def start_step(self, width: int) -> None:
+        self.step += 1
+        self.edits.step = self.step
+        self.edits.width = width
 
     def index_for(self, prompts: frozenset[str] | None, tokens, what: str) -> TokenIndex | None:
-        key = (prompts, tokens)
+        key = (prompts, tokens, self.step)
         if key not in self.indices:
-            self.indices[key] = token_index(self.batch, prompts, tokens, what=what)
+            self.indices[key] = token_index(
+                self.batch, prompts, tokens, what=what, step=max(self.step, 0)
+            )
         return self.indices[key]
 
 
@@ -69,9 +82,10 @@ class Engine:
         self.plan = plan
         self.model = model
         self.tokenizer = tokenizer
-        self.device = _input_device(model)
+        self.device = model_device(model)
         self.left_pad = takes_position_ids(model)
         self.modules = dict(model.named_modules())
+        self._max_steps = int(plan.generate["max_new_tokens"]) if plan.generate else 1
         self.operands = OperandCache()
         self._generator: torch.Generator | None = None
         self._state: _BatchState | None = None
@@ -91,8 +105,12 @@ class Engine:
                     self.operands.file(edit)
         if self.plan.prompts.inline is None:
             return
-        batch = make_batch(list(self.plan.prompts.inline), self.tokenizer, torch.device("cpu"),
-                           left_pad=self.left_pad)
+        batch = make_batch(
+            list(self.plan.prompts.inline),
+            self.tokenizer,
+            torch.device("cpu"),
+            left_pad=self.left_pad,
+        )
         for actions in self.plan.sites:
             for save in actions.saves:
                 token_index(batch, save.prompts, save.tokens, what=f"save '{save.save}'")
@@ -114,27 +132,58 @@ class Engine:
         present = {p for p, _ in chunk}
         extra = [s for s in self._sources if s[0] not in present]
         batch = make_batch(
-            chunk + extra, self.tokenizer, self.device, left_pad=self.left_pad,
+            chunk + extra,
+            self.tokenizer,
+            self.device,
+            left_pad=self.left_pad,
             aux=[False] * len(chunk) + [True] * len(extra),
         )
         self._state = _BatchState(batch, EditContext(batch, self.operands, self._generator))
+        generated = None
         try:
             with torch.inference_mode():
-                self.model(**batch.model_inputs())
-            saves = self._gather(batch)
+                if self.plan.generate is None:
+                    self.model(**batch.model_inputs())
+                else:
+                    generated = self._generate(batch)
+            saves = self._gather(batch, generated)
         finally:
             self._state = None
         n = len(chunk)  # the auxiliary source rows come last and are not results
         return BatchResult(
-            prompt_ids=batch.ids[:n], texts=batch.texts[:n], token_ids=batch.token_ids[:n],
+            prompt_ids=batch.ids[:n],
+            texts=batch.texts[:n],
+            token_ids=batch.token_ids[:n],
             saves=saves,
+            generated=None if generated is None else generated[:n],
+            generated_text=None
+            if generated is None
+            else [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated[:n]],
         )
+
+    def _generate(self, batch: Batch) -> list[list[int]]:
+        """Run `model.generate` on the batch; each row's new tokens up to its EOS."""
+        args = {"do_sample": False, **(self.plan.generate or {})}
+        output = self.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **args,
+        )  # (batch, width + new)
+        new = output[:, batch.width :].tolist()
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        ends = [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in new]
+        return [row[:end] for row, end in zip(new, ends)]
 
     # -- hooks ---------------------------------------------------------------
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
-        handles = []
+        handles = [
+            # Registered first so every other hook of a forward sees its step.
+            self.model.register_forward_pre_hook(self._step_hook, with_kwargs=True)
+        ]
         try:
             for actions in self.plan.sites:
                 module = self.modules[actions.site.module]
@@ -152,6 +201,13 @@ class Engine:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _step_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._state is None:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        width = ids.shape[1] if isinstance(ids, torch.Tensor) else self._state.batch.width
+        self._state.start_step(width)
 
     def _output_hook(self, actions: SiteActions):
         root = actions.site.module == ""
@@ -188,10 +244,15 @@ class Engine:
                 self._save(state, save, container, root=root, label=label)
         changed = False
         for edit in actions.edits:
+            if not _in_steps(edit.steps, state.step, self._max_steps):
+                continue
             site_label = label + "".join(f"[{i}]" for i in edit.indices)
             value = get_value(container, edit.indices, root=root, label=site_label)
             new = apply_edit(
-                edit, value, state.edits, label=site_label,
+                edit,
+                value,
+                state.edits,
+                label=site_label,
                 site_key=(actions.site.module, actions.site.port, edit.indices),
                 module_input=_first_input(inputs) if edit.op == "skip" else None,
             )
@@ -209,49 +270,131 @@ class Engine:
     def _save(
         self, state: _BatchState, save: SaveAction, container: Any, *, root: bool, label: str
     ) -> None:
+        if not _in_steps(save.steps, state.step, self._max_steps):
+            return
         what = f"save '{save.save}'"
         index = state.index_for(save.prompts, save.tokens, what)
         if index is None:
             return
         value = get_value(container, save.indices, root=root, label=label)  # (B, T, ...)
         batch = state.batch
-        if value.dim() < 2 or value.shape[0] != batch.size or value.shape[1] != batch.width:
+        if value.dim() < 2 or value.shape[0] != batch.size:
             raise RunError(
                 f"{what} at {label}: expected a value of shape (batch={batch.size}, "
-                f"tokens={batch.width}, ...) but it has shape {tuple(value.shape)}"
+                f"tokens, ...) but it has shape {tuple(value.shape)}"
             )
+        index = index.fit(value.shape[1], state.edits.width, f"{what} at {label}")
         picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
         picked = apply_steps(save.apply, picked, self.modules)
-        state.collected.setdefault(save.save, {})[save.layer] = (picked, index)
+        state.collected.setdefault(save.save, {})[(save.layer, state.step)] = (picked, index)
 
     # -- results -------------------------------------------------------------
 
-    def _gather(self, batch: Batch) -> dict[str, SaveBatch]:
-        """Stack each save's layers and copy it to the host in one transfer."""
+    def _gather(self, batch: Batch, generated: list[list[int]] | None) -> dict[str, SaveBatch]:
+        """Stack each save's layers (and steps) and copy it to the host in one transfer."""
         state = self._state
         assert state is not None
         out: dict[str, SaveBatch] = {}
         for layout in self.plan.saves:
-            layers = state.collected.get(layout.name)
-            if layers is None:
+            entries = state.collected.get(layout.name, {})
+            first = (
+                [key for key in entries if key[1] == min(k[1] for k in entries)] if entries else []
+            )
+            if not entries:
+                state.step = 0
                 selected = state.index_for(
                     None if layout.prompts is None else frozenset(layout.prompts),
                     layout.tokens,
                     f"save '{layout.name}'",
                 )
-                if selected is None:
-                    continue  # no prompt of this batch is in the save
+                if selected is None or layout.steps is not None and 0 not in layout.steps:
+                    continue  # no prompt of this batch is in the save (or no step selected)
                 raise RunError(
                     f"save '{layout.name}': the site {layout.sites[0]} never ran in the forward "
                     f"pass, so there is nothing to save (is the module used by this model?)"
                 )
-            missing = [layout.sites[i] for i in range(len(layout.sites)) if i not in layers]
+            step0 = first[0][1]
+            missing = [s for i, s in enumerate(layout.sites) if (i, step0) not in entries]
             if missing:
-                raise RunError(f"save '{layout.name}': site {missing[0]} never ran in the forward pass")
-            index = layers[0][1]
-            values = [layers[i][0] for i in range(len(layout.sites))]
-            out[layout.name] = _to_host(values, index, layout.layered, batch)
+                raise RunError(
+                    f"save '{layout.name}': site {missing[0]} never ran in the forward pass"
+                )
+            if layout.steps is None:
+                values = [entries[(i, 0)][0] for i in range(len(layout.sites))]
+                out[layout.name] = _to_host(values, entries[(0, 0)][1], layout.layered, batch)
+                continue
+            per_step = []
+            for step in layout.steps:
+                if (0, step) not in entries:
+                    per_step.append(None)  # every row had stopped before this step
+                    continue
+                values = [entries[(i, step)][0] for i in range(len(layout.sites))]
+                per_step.append(_to_host(values, entries[(0, step)][1], layout.layered, batch))
+            out[layout.name] = _stack_steps(per_step, layout, batch, generated)
         return out
+
+
+def _in_steps(steps: StepSelection, step: int, total: int) -> bool:
+    return steps.kind == "all" or step in _resolved(steps, total)
+
+
+@lru_cache(maxsize=256)
+def _resolved(steps: StepSelection, total: int) -> frozenset[int]:
+    return frozenset(steps.resolve(total))
+
+
+def _stack_steps(
+    per_step: list[SaveBatch | None], layout: Any, batch: Batch, generated: list[list[int]] | None
+) -> SaveBatch:
+    """Per-step host values -> (R, [L], step, token, ...), masked after each row's end.
+
+    A row's step k is real while k < the number of tokens it generated: the
+    step after its EOS is a forward the batch ran for other rows only.
+    """
+    ref = next(p for p in per_step if p is not None)
+    token_axis = 2 if layout.layered else 1
+    width = max(p.data.shape[token_axis] for p in per_step if p is not None)
+    parts: dict[str, list[torch.Tensor]] = {"values": []}
+    parts.update({k: [] for k in ref.extra})
+    counts = []
+    for p in per_step:
+        for key in parts:
+            tensor = ref.data if key == "values" else ref.extra[key]
+            if p is not None:
+                tensor = p.data if key == "values" else p.extra[key]
+            fill = float("nan") if tensor.is_floating_point() else -1
+            shape = list(tensor.shape)
+            shape[token_axis] = width
+            padded = torch.full(shape, fill, dtype=tensor.dtype)
+            if p is not None:
+                padded.narrow(token_axis, 0, tensor.shape[token_axis]).copy_(tensor)
+            parts[key].append(padded)
+        if p is None:
+            counts.append(torch.zeros(len(ref.prompt_ids), dtype=torch.long))
+        else:
+            counts.append(
+                p.counts
+                if p.counts is not None
+                else torch.full((len(ref.prompt_ids),), p.data.shape[token_axis], dtype=torch.long)
+            )
+    stacked = {k: torch.stack(v, dim=token_axis) for k, v in parts.items()}  # (R, [L], S, K, ...)
+    count = torch.stack(counts, dim=1)  # (R, S)
+    if generated is not None:
+        rows = [batch.ids.index(p) for p in ref.prompt_ids]
+        made = torch.tensor([len(generated[r]) for r in rows])  # (R,)
+        alive = torch.tensor(layout.steps)[None, :] < made[:, None]  # (R, S)
+        count = torch.where(alive, count, torch.zeros_like(count))
+        for key, tensor in stacked.items():
+            mask = alive.view(*alive.shape[:1], *([1] * (token_axis - 1)), alive.shape[1])
+            mask = mask.view(*mask.shape, *([1] * (tensor.dim() - mask.dim())))
+            fill = float("nan") if tensor.is_floating_point() else -1
+            stacked[key] = torch.where(mask, tensor, torch.full((), fill, dtype=tensor.dtype))
+    return SaveBatch(
+        data=stacked["values"],
+        prompt_ids=ref.prompt_ids,
+        counts=count,
+        extra={k: v for k, v in stacked.items() if k != "values"},
+    )
 
 
 def _to_host(values: list[Any], index: TokenIndex, layered: bool, batch: Batch) -> SaveBatch:
@@ -270,7 +413,9 @@ def _to_host(values: list[Any], index: TokenIndex, layered: bool, batch: Batch) 
             shape = (valid.shape[0],) + (1,) * int(layered) + (valid.shape[1],)
             valid = valid.view(*shape, *([1] * (data.dim() - len(shape))))
             fill = float("nan") if data.is_floating_point() else -1
-            data = torch.where(valid, data, torch.full((), fill, dtype=data.dtype, device=data.device))
+            data = torch.where(
+                valid, data, torch.full((), fill, dtype=data.dtype, device=data.device)
+            )
         host[key] = data.to("cpu")
     rows = index.rows.tolist()
     return SaveBatch(
@@ -288,11 +433,3 @@ def _first_input(inputs: Any) -> torch.Tensor | None:
     args, kwargs = inputs
     first = args[0] if args else next(iter(kwargs.values()), None)
     return first if isinstance(first, torch.Tensor) else None
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the model's own device, or the first shard's under a device map."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device

@@ -37,7 +37,9 @@ def get_value(container: Any, indices: tuple[int, ...], *, root: bool, label: st
         try:
             value = value[i]
         except (IndexError, KeyError, TypeError):
-            raise RunError(f"{label}: the value there has no element [{i}] ({_describe(value)})") from None
+            raise RunError(
+                f"{label}: the value there has no element [{i}] ({_describe(value)})"
+            ) from None
     if not isinstance(value, torch.Tensor):
         raise RunError(
             f"{label}: the value there is {_describe(value)}, not a tensor; "
@@ -77,6 +79,8 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     if isinstance(value, tuple | list):
-        inner = ", ".join(_describe(v) if isinstance(v, torch.Tensor) else type(v).__name__ for v in value)
+        inner = ", ".join(
+            _describe(v) if isinstance(v, torch.Tensor) else type(v).__name__ for v in value
+        )
         return f"a {type(value).__name__} of {len(value)} ({inner})"
     return f"a {type(value).__name__}"

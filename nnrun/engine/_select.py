@@ -31,6 +31,25 @@ class TokenIndex:
         valid = self.valid
         return self.rows[:, None].expand_as(self.columns)[valid], self.columns[valid]
 
+    def fit(self, value_tokens: int, input_tokens: int, what: str) -> TokenIndex:
+        """Shift columns for a value that covers only the last `value_tokens` inputs.
+
+        During generation transformers computes logits for the last position
+        only, the prompt pass included: `lm_head` gives (batch, 1, vocab) for a
+        (batch, width) input. With left padding that column is every prompt's
+        last token, so `tokens: -1` still works there.
+        """
+        shift = input_tokens - value_tokens
+        if shift == 0:
+            return self
+        if shift < 0 or bool((self.columns[self.valid] < shift).any()):
+            raise RunError(
+                f"{what}: the value there covers only the last {value_tokens} of "
+                f"{input_tokens} positions (during generation only the last position gets "
+                f"logits); select tokens: -1"
+            )
+        return TokenIndex(self.rows, (self.columns - shift).clamp(min=0), self.counts, self.ragged)
+
     @property
     def valid(self) -> torch.Tensor:
         """(R, K) bool: which entries are real tokens rather than padding."""
@@ -45,8 +64,15 @@ def token_index(
     *,
     what: str,
     include_aux: bool = False,
+    step: int = 0,
 ) -> TokenIndex | None:
     """Index tensors for the prompts and tokens an action selects in this batch.
+
+    At step 0 (the prompt pass) columns index the padded prompt batch. At a
+    generation step k >= 1 the model sees one new token per row, the prompt's
+    own position `length + k - 1`: a row selects column 0 when the selection,
+    resolved over the `length + k` tokens so far, contains that position
+    (`all` and `-1` do; positions inside the prompt do not), else nothing.
 
     Returns None when no prompt of the batch is selected. `what` names the
     action for error messages ("save 'resid'", "edits[2]").
@@ -69,13 +95,20 @@ def token_index(
                 f"-{lengths[row]}..-1)"
             ) from None
         rows.append(row)
-        positions.append([offsets[row] + p for p in own])
+        if step == 0:
+            positions.append([offsets[row] + p for p in own])
+        else:
+            seen = lengths[row] + step  # tokens so far; the newest is being processed
+            positions.append([0] if seen - 1 in set(tokens.resolve(seen)) else [])
     if not rows:
         return None
     width = max(len(p) for p in positions)
-    ragged = tokens.kind != "list"
+    ragged = tokens.kind != "list" or step > 0
     if width == 0:
-        raise RunError(f"{what}: tokens {tokens} selects no token of the prompts")
+        if step > 0:
+            width = 1  # nothing selected at this step: one masked column per row
+        else:
+            raise RunError(f"{what}: tokens {tokens} selects no token of the prompts")
     # Pad short rows with their first column; `counts` marks them as padding.
     columns = [p + [p[0] if p else 0] * (width - len(p)) for p in positions]
     device = batch.input_ids.device
@@ -85,4 +118,3 @@ def token_index(
         counts=torch.tensor([len(p) for p in positions], device=device),
         ragged=ragged,
     )
-

@@ -10,7 +10,9 @@ from importlib import metadata
 from typing import Any
 
 
-def provenance(spec_text: str, seed: int, model_attrs: dict[str, str], device: str) -> dict[str, Any]:
+def provenance(
+    spec_text: str, seed: int, model_attrs: dict[str, str], device: str
+) -> dict[str, Any]:
     """Root attributes of an output file (versions, spec and its hash, git state)."""
     attrs: dict[str, Any] = {
         "nnrun_version": _version("nnrun"),
@@ -48,7 +50,9 @@ def _git_state() -> tuple[str, bool]:
             return "", False
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return commit.stdout.strip(), bool(status.stdout.strip())
     except (OSError, subprocess.TimeoutExpired):

@@ -66,18 +66,58 @@ class OutputWriter:
         for name, dtype in (("id", STR), ("text", STR), ("length", np.int32)):
             prompts.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
         prompts.create_dataset(
-            "input_ids", shape=(0, 1), maxshape=(None, None), dtype=np.int64,
-            chunks=(256, 64), fillvalue=-1,
+            "input_ids",
+            shape=(0, 1),
+            maxshape=(None, None),
+            dtype=np.int64,
+            chunks=(256, 64),
+            fillvalue=-1,
         )
         prompts["input_ids"].attrs["fill_value"] = -1
         self.file.create_group("saves")
         self.file.create_group("axes")
         return self
 
+    def _write_generation(self, result: BatchResult, first: int) -> None:
+        """Append each prompt's new token ids (padded with -1) and text."""
+        if "generation" not in self.file:
+            group = self.file.create_group("generation")
+            group.create_dataset(
+                "ids",
+                shape=(0, 1),
+                maxshape=(None, None),
+                dtype=np.int64,
+                chunks=(256, 64),
+                fillvalue=-1,
+            )
+            group["ids"].attrs["fill_value"] = -1
+            group.create_dataset("text", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
+            group.create_dataset(
+                "length", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1024,)
+            )
+        group = self.file["generation"]
+        new = result.generated or []
+        r = len(new)
+        width = max(group["ids"].shape[1], max((len(t) for t in new), default=1))
+        group["ids"].resize((first + r, width))
+        block = np.full((r, width), -1, dtype=np.int64)
+        for row, toks in enumerate(new):
+            block[row, : len(toks)] = toks
+        group["ids"][first : first + r] = block
+        for name, values in (
+            ("text", result.generated_text or []),
+            ("length", [len(t) for t in new]),
+        ):
+            group[name].resize((first + r,))
+            group[name][first : first + r] = values
+
     def write(self, result: BatchResult) -> None:
         """Append one micro-batch: its prompts and each save's values."""
         assert self.file is not None
+        first = self.prompt_count
         self._write_prompts(result)
+        if result.generated is not None:
+            self._write_generation(result, first)
         for name, save in result.saves.items():
             layout = self.layouts[name]
             self._append_save(name, layout, save.data, save)
@@ -126,7 +166,7 @@ class OutputWriter:
         self, name: str, layout: SaveLayout, tensor: Any, save: SaveBatch, *, scales: bool = True
     ) -> None:
         data, torch_dtype = _to_numpy(tensor)
-        token_axis = 2 if layout.layered else 1
+        token_axis = layout.token_axis
         saves = self.file["saves"]
         if name not in saves:
             self._create_save(name, data, layout, save, torch_dtype, token_axis)
@@ -144,8 +184,13 @@ class OutputWriter:
                 self._append_axis(name, "length", save.counts.numpy(), np.int32)
 
     def _create_save(
-        self, name: str, data: np.ndarray, layout: SaveLayout, save: SaveBatch,
-        torch_dtype: str, token_axis: int,
+        self,
+        name: str,
+        data: np.ndarray,
+        layout: SaveLayout,
+        save: SaveBatch,
+        torch_dtype: str,
+        token_axis: int,
     ) -> None:
         ragged = save.counts is not None
         own = data.shape[token_axis + 1 :]
@@ -154,18 +199,26 @@ class OutputWriter:
         if ragged:
             maxshape[token_axis] = None
         row_bytes = max(1, int(np.prod(data.shape[1:])) * data.dtype.itemsize)
-        chunks = (max(1, min(4096, _CHUNK_BYTES // row_bytes)),) + tuple(max(1, d) for d in data.shape[1:])
+        chunks = (max(1, min(4096, _CHUNK_BYTES // row_bytes)),) + tuple(
+            max(1, d) for d in data.shape[1:]
+        )
         fill = np.nan if data.dtype.kind == "f" else -1
         ds = self.file["saves"].create_dataset(
-            name, shape=(0,) + data.shape[1:], maxshape=tuple(maxshape), dtype=data.dtype,
-            chunks=chunks, fillvalue=fill,
+            name,
+            shape=(0,) + data.shape[1:],
+            maxshape=tuple(maxshape),
+            dtype=data.dtype,
+            chunks=chunks,
+            fillvalue=fill,
         )
         ds.attrs["axes"] = json.dumps(axes)
         ds.attrs["save"] = layout.name
         ds.attrs["at"] = layout.at
         ds.attrs["sites"] = json.dumps(list(layout.sites))
         ds.attrs["tokens"] = str(layout.tokens)
-        ds.attrs["apply"] = json.dumps([s.name if s.arg is None else {s.name: s.arg} for s in layout.apply])
+        ds.attrs["apply"] = json.dumps(
+            [s.name if s.arg is None else {s.name: s.arg} for s in layout.apply]
+        )
         ds.attrs["torch_dtype"] = torch_dtype
         ds.attrs["ragged"] = ragged
         ds.attrs["fill_value"] = fill
@@ -176,7 +229,17 @@ class OutputWriter:
         group = self.file["axes"].require_group(name)
         group.create_dataset("prompt", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
         if ragged:
-            group.create_dataset("length", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1024,))
+            # (prompt,) or, when generating, (prompt, step): real tokens per entry
+            steps = () if layout.steps is None else (len(layout.steps),)
+            group.create_dataset(
+                "length",
+                shape=(0, *steps),
+                maxshape=(None, *steps),
+                dtype=np.int32,
+                chunks=(1024, *steps),
+            )
+        if layout.steps is not None:
+            group.create_dataset("step", data=np.array(layout.steps, dtype=np.int64))
         if layout.layered:
             group.create_dataset("layer", data=np.array(layout.sites, dtype=object), dtype=STR)
         if layout.tokens.kind == "list":
@@ -196,7 +259,7 @@ class OutputWriter:
     def _append_axis(self, name: str, axis: str, values: Any, dtype: Any) -> None:
         ds = self.file["axes"][name][axis]
         n = ds.shape[0]
-        ds.resize((n + len(values),))
+        ds.resize(n + len(values), axis=0)
         ds[n:] = values
 
     def _finish_axes(self) -> None:

@@ -1,0 +1,89 @@
+"""What a model really does in a forward pass: module order and value shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# A value's shape: a tensor's shape, a tuple of those for tuple outputs, or None.
+Shape = tuple[int, ...] | tuple[Any, ...] | None
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One (module, port) as seen in a probe pass: when it ran and what it carried."""
+
+    rank: int
+    shape: Shape
+
+
+def probe_sites(
+    model: nn.Module, input_ids: torch.Tensor | None = None, tokenizer: Any = None
+) -> dict[tuple[str, str], SiteInfo]:
+    """Run one forward pass with a hook on every module and record each site.
+
+    Registration order is not execution order (Llama registers `rotary_emb`
+    after the layers but runs it before them), and some registered modules
+    never run at all; this pass says exactly. Sites that did not run are
+    absent. Without `input_ids`, two copies of a special token are used.
+    """
+    sites: dict[tuple[str, str], SiteInfo] = {}
+    handles = []
+
+    def record(key: tuple[str, str], value: Any) -> None:
+        if key not in sites:
+            sites[key] = SiteInfo(rank=len(sites), shape=shape_of(value))
+
+    for name, module in model.named_modules():
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda _m, args, kwargs, n=name: record(
+                    (n, "input"), args[0] if args else next(iter(kwargs.values()), None)
+                ),
+                with_kwargs=True,
+            )
+        )
+        handles.append(
+            module.register_forward_hook(lambda _m, _a, out, n=name: record((n, "output"), out))
+        )
+    try:
+        if input_ids is None:
+            token = _probe_token(tokenizer)
+            input_ids = torch.tensor([[token, token]])
+        input_ids = input_ids.to(model_device(model))
+        with torch.inference_mode():
+            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sites
+
+
+def shape_of(value: Any) -> Shape:
+    """The shape of a tensor, or of each element of a tuple/ModelOutput."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if hasattr(value, "to_tuple"):
+        value = value.to_tuple()
+    if isinstance(value, tuple | list):
+        return tuple(shape_of(v) for v in value)
+    return None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the model's own device, or the first shard's under a device map."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _probe_token(tokenizer: Any) -> int:
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
