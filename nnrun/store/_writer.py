@@ -264,7 +264,7 @@ class OutputWriter:
 
     def _finish_axes(self) -> None:
         """Label every axis and attach the prompt/layer/token scales (HDF5 dimension scales)."""
-        for name, ds in self.file["saves"].items():
+        for ds in self.file["saves"].values():
             axes = json.loads(ds.attrs["axes"])
             group = self.file["axes"].get(ds.attrs["save"])
             for i, axis in enumerate(axes[: ds.ndim]):
