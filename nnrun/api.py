@@ -171,7 +171,7 @@ def plan(
     for layout in compiled.saves:
         module, port = _site_of(layout.sites[0])
         probed = sites[(module, port)].shape
-        indices = next(a.indices for s in compiled.sites for a in s.saves if a.save == layout.name)
+        indices = next(a.indices for s in compiled.sites for a in s.saves if a.name == layout.name)
         own = _value_shape(probed, indices, root=module == "")
         tokens = len(layout.tokens.positions) if layout.tokens.kind == "list" else longest
         sample = torch.zeros((1, 1, *own), dtype=model.model.dtype)

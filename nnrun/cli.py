@@ -23,7 +23,8 @@ app = typer.Typer(
     help="Run declarative experiments on neural-network internals (see `nnrun COMMAND --help`).",
 )
 console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: an error stays on one line when stderr is a pipe or a CI log.
+err_console = Console(stderr=True, soft_wrap=True)
 _debug = False
 
 
@@ -125,10 +126,10 @@ def plan(
         rows = [
             (
                 "save",
-                a.save
+                a.name
                 + (
                     f" [layer {a.layer}]"
-                    if len(next(s for s in compiled.saves if s.name == a.save).sites) > 1
+                    if len(next(s for s in compiled.saves if s.name == a.name).sites) > 1
                     else ""
                 )
                 + (" (before edits)" if a.before_edits else ""),
@@ -141,10 +142,10 @@ def plan(
         rows += [
             (
                 "save",
-                a.save
+                a.name
                 + (
                     f" [layer {a.layer}]"
-                    if len(next(s for s in compiled.saves if s.name == a.save).sites) > 1
+                    if len(next(s for s in compiled.saves if s.name == a.name).sites) > 1
                     else ""
                 ),
                 a,
@@ -230,9 +231,10 @@ def show(
     table = Table(title=str(output), show_header=False, box=None)
     for key in (
         "status",
+        "error",
         "nnrun_version",
         "model_name",
-        "model_class",
+        "model_model_class",
         "device",
         "seed",
         "spec_sha256",

@@ -72,7 +72,7 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
             ranked(site, f"{path}.at")
             saves_at[(site.module, site.port)].append(
                 SaveAction(
-                    save=name,
+                    name=name,
                     layer=layer,
                     indices=site.indices,
                     prompts=_frozen(prompts),

@@ -52,7 +52,10 @@ class ApplyStep:
 class SaveAction:
     """Read the value at a site and keep the selected rows and tokens."""
 
-    save: str  # the save's name: its dataset is /saves/<save>
+    # The save's name (its dataset is /saves/<name>). Not called `save`: nnsight
+    # adds a `save` attribute to every object, which dataclasses would take for
+    # a default value.
+    name: str
     layer: int  # index along the save's layer axis (0 without a wildcard)
     indices: tuple[int, ...]  # tuple indices after the port: output[0] -> (0,)
     prompts: frozenset[str] | None  # None = every prompt

@@ -8,6 +8,7 @@ in place.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,10 @@ def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
 class EditContext:
     """What an edit needs besides its own selection: the batch and captured sources."""
 
-    def __init__(self, batch: Batch, operands: OperandCache, generator: torch.Generator | None):
+    def __init__(self, batch: Batch, operands: OperandCache, seed: int):
         self.batch = batch
         self.operands = operands
-        self.generator = generator
+        self.seed = seed
         self.captured: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
         self.step = 0  # the generation step of the forward pass under way
         self.width = batch.width  # how many tokens per row that forward takes
@@ -145,10 +146,7 @@ def _compute(
     if op == "clamp":
         return selected.clamp(min=edit.params["min"], max=edit.params["max"])
     if op == "noise":
-        noise = torch.randn(
-            selected.shape, generator=ctx.generator, device=selected.device, dtype=torch.float32
-        )
-        return selected + edit.params["std"] * noise.to(selected.dtype)
+        return selected + edit.params["std"] * _noise(edit, selected, index, ctx, label)
     if op == "mean_ablate":
         return _broadcast(edit, _mean_over(edit, value, ctx), selected, label)
     if op == "skip":
@@ -212,6 +210,26 @@ def _operand(
             f"(e.g. tokens: [-1] or a list) or give from.tokens"
         )
     return source[found.rows[:, None], found.columns]  # (1, Ks, ...)
+
+
+def _noise(
+    edit: EditAction, selected: torch.Tensor, index: TokenIndex, ctx: EditContext, label: str
+) -> torch.Tensor:
+    """Gaussian noise (R, K, ...) drawn per prompt from a seed of its own.
+
+    Each prompt's noise depends only on the spec's seed, the edit, the prompt
+    id, the site and the step, so it is the same whatever the batch size or
+    the prompt's batch-mates.
+    """
+    noise = torch.zeros(selected.shape, dtype=torch.float32, device=selected.device)
+    for i, (row, count) in enumerate(zip(index.rows.tolist(), index.counts.tolist())):
+        key = f"{ctx.seed}/{edit.index}/{ctx.batch.ids[row]}/{label}/{ctx.step}"
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        generator = torch.Generator(device=selected.device).manual_seed(seed)
+        noise[i, :count] = torch.randn(
+            (count, *selected.shape[2:]), generator=generator, device=selected.device
+        )
+    return noise.to(selected.dtype)
 
 
 def _mean_over(edit: EditAction, value: torch.Tensor, ctx: EditContext) -> torch.Tensor:

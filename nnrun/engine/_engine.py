@@ -83,11 +83,12 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = model_device(model)
-        self.left_pad = takes_position_ids(model)
+        # Generation appends to the right, so it always left-pads; a single
+        # forward pads right only for models that cannot take position ids.
+        self.left_pad = plan.generate is not None or takes_position_ids(model)
         self.modules = dict(model.named_modules())
         self._max_steps = int(plan.generate["max_new_tokens"]) if plan.generate else 1
         self.operands = OperandCache()
-        self._generator: torch.Generator | None = None
         self._state: _BatchState | None = None
         inline = dict(plan.prompts.inline or ())
         self._sources = [(p, inline[p]) for p in plan.source_prompts]
@@ -113,16 +114,13 @@ class Engine:
         )
         for actions in self.plan.sites:
             for save in actions.saves:
-                token_index(batch, save.prompts, save.tokens, what=f"save '{save.save}'")
+                token_index(batch, save.prompts, save.tokens, what=f"save '{save.name}'")
             for edit in actions.edits:
                 token_index(batch, edit.prompts, edit.tokens, what=edit.label)
 
     def run(self) -> Iterator[BatchResult]:
         """Yield one BatchResult per micro-batch; hooks are removed afterwards."""
         torch.manual_seed(self.plan.seed)
-        # Noise edits draw from their own generator, so adding a save (or any
-        # other op that consumes randomness) never changes the noise.
-        self._generator = torch.Generator(device=self.device).manual_seed(self.plan.seed)
         prompts = iter_prompts(self.plan.prompts)
         with self._hooks():
             while chunk := list(islice(prompts, self.plan.batch_size)):
@@ -138,7 +136,7 @@ class Engine:
             left_pad=self.left_pad,
             aux=[False] * len(chunk) + [True] * len(extra),
         )
-        self._state = _BatchState(batch, EditContext(batch, self.operands, self._generator))
+        self._state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed))
         generated = None
         try:
             with torch.inference_mode():
@@ -270,9 +268,12 @@ class Engine:
     def _save(
         self, state: _BatchState, save: SaveAction, container: Any, *, root: bool, label: str
     ) -> None:
-        if not _in_steps(save.steps, state.step, self._max_steps):
+        wanted = _in_steps(save.steps, state.step, self._max_steps)
+        # A generating save that skips step 0 still keeps a step-0 sample (step
+        # -1 below) so a batch whose rows all stop early still gets its rows.
+        if not wanted and not (self.plan.generate is not None and state.step == 0):
             return
-        what = f"save '{save.save}'"
+        what = f"save '{save.name}'"
         index = state.index_for(save.prompts, save.tokens, what)
         if index is None:
             return
@@ -286,7 +287,8 @@ class Engine:
         index = index.fit(value.shape[1], state.edits.width, f"{what} at {label}")
         picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
         picked = apply_steps(save.apply, picked, self.modules)
-        state.collected.setdefault(save.save, {})[(save.layer, state.step)] = (picked, index)
+        step = state.step if wanted else -1
+        state.collected.setdefault(save.name, {})[(save.layer, step)] = (picked, index)
 
     # -- results -------------------------------------------------------------
 
@@ -297,9 +299,6 @@ class Engine:
         out: dict[str, SaveBatch] = {}
         for layout in self.plan.saves:
             entries = state.collected.get(layout.name, {})
-            first = (
-                [key for key in entries if key[1] == min(k[1] for k in entries)] if entries else []
-            )
             if not entries:
                 state.step = 0
                 selected = state.index_for(
@@ -307,30 +306,30 @@ class Engine:
                     layout.tokens,
                     f"save '{layout.name}'",
                 )
-                if selected is None or layout.steps is not None and 0 not in layout.steps:
-                    continue  # no prompt of this batch is in the save (or no step selected)
+                if selected is None:
+                    continue  # no prompt of this batch is in the save
                 raise RunError(
                     f"save '{layout.name}': the site {layout.sites[0]} never ran in the forward "
                     f"pass, so there is nothing to save (is the module used by this model?)"
                 )
-            step0 = first[0][1]
-            missing = [s for i, s in enumerate(layout.sites) if (i, step0) not in entries]
+            first = min(step for _, step in entries)
+            missing = [s for i, s in enumerate(layout.sites) if (i, first) not in entries]
             if missing:
                 raise RunError(
                     f"save '{layout.name}': site {missing[0]} never ran in the forward pass"
                 )
-            if layout.steps is None:
-                values = [entries[(i, 0)][0] for i in range(len(layout.sites))]
-                out[layout.name] = _to_host(values, entries[(0, 0)][1], layout.layered, batch)
-                continue
-            per_step = []
-            for step in layout.steps:
-                if (0, step) not in entries:
-                    per_step.append(None)  # every row had stopped before this step
-                    continue
+
+            def host(step: int) -> SaveBatch:
                 values = [entries[(i, step)][0] for i in range(len(layout.sites))]
-                per_step.append(_to_host(values, entries[(0, step)][1], layout.layered, batch))
-            out[layout.name] = _stack_steps(per_step, layout, batch, generated)
+                return _to_host(values, entries[(0, step)][1], layout.layered, batch)
+
+            if layout.steps is None:
+                out[layout.name] = host(0)
+                continue
+            # None: every row had stopped before this step, so it never ran.
+            per_step = [host(step) if (0, step) in entries else None for step in layout.steps]
+            sample = host(first) if all(p is None for p in per_step) else None
+            out[layout.name] = _stack_steps(per_step, layout, batch, generated, sample)
         return out
 
 
@@ -344,16 +343,21 @@ def _resolved(steps: StepSelection, total: int) -> frozenset[int]:
 
 
 def _stack_steps(
-    per_step: list[SaveBatch | None], layout: Any, batch: Batch, generated: list[list[int]] | None
+    per_step: list[SaveBatch | None],
+    layout: Any,
+    batch: Batch,
+    generated: list[list[int]] | None,
+    sample: SaveBatch | None = None,
 ) -> SaveBatch:
     """Per-step host values -> (R, [L], step, token, ...), masked after each row's end.
 
     A row's step k is real while k < the number of tokens it generated: the
     step after its EOS is a forward the batch ran for other rows only.
     """
-    ref = next(p for p in per_step if p is not None)
+    ref = next((p for p in per_step if p is not None), sample)
+    assert ref is not None
     token_axis = 2 if layout.layered else 1
-    width = max(p.data.shape[token_axis] for p in per_step if p is not None)
+    width = max((p.data.shape[token_axis] for p in per_step if p is not None), default=1)
     parts: dict[str, list[torch.Tensor]] = {"values": []}
     parts.update({k: [] for k in ref.extra})
     counts = []

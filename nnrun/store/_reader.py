@@ -10,6 +10,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from nnrun.errors import NnrunError
+
 
 class Results(Mapping[str, Any]):
     """The saves of one output file, read on access.
@@ -25,9 +27,14 @@ class Results(Mapping[str, Any]):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        with h5py.File(self.path, "r") as f:
-            self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
-            self._names = list(f["saves"].keys()) if "saves" in f else []
+        if not self.path.is_file():
+            raise NnrunError(f"no such output file '{self.path}'")
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
+                self._names = list(f["saves"].keys()) if "saves" in f else []
+        except OSError as e:
+            raise NnrunError(f"cannot read '{self.path}' as an HDF5 file: {e}") from None
 
     @property
     def status(self) -> str:
