@@ -459,7 +459,12 @@ def test_greedy_ids_of_a_model_without_position_ids(tiny_bloom, tmp_path):
     alone = [plain_generate(tiny_bloom, [t])[0][0] for t in texts]
     assert want == alone  # left padding is exact for Bloom
     results = run_spec(
-        tmp_path, {"model": {"path": str(tiny_bloom)}, "prompts": dict(PROMPTS), "generate": {"max_new_tokens": N}}
+        tmp_path,
+        {
+            "model": {"path": str(tiny_bloom)},
+            "prompts": dict(PROMPTS),
+            "generate": {"max_new_tokens": N},
+        },
     )
     assert rows(generation(results)) == want
 
@@ -543,7 +548,9 @@ CROSS = {
 
 
 @pytest.mark.parametrize(
-    ("arch", "batch_size"), [("llama", 8), ("llama", 1), ("gpt2", 8)], ids=["llama", "llama-bs1", "gpt2"]
+    ("arch", "batch_size"),
+    [("llama", 8), ("llama", 1), ("gpt2", 8)],
+    ids=["llama", "llama-bs1", "gpt2"],
 )
 @pytest.mark.parametrize("steps", [0, "all"])
 def test_cross_prompt_embeddings_make_b_generate_as_a(arch, batch_size, steps, request, tmp_path):

@@ -319,7 +319,7 @@ class Engine:
                     f"save '{layout.name}': site {missing[0]} never ran in the forward pass"
                 )
 
-            def host(step: int) -> SaveBatch:
+            def host(step: int, entries=entries, layout=layout) -> SaveBatch:
                 values = [entries[(i, step)][0] for i in range(len(layout.sites))]
                 return _to_host(values, entries[(0, step)][1], layout.layered, batch)
 
