@@ -92,13 +92,9 @@ def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tu
     import numpy as np
 
     found: dict[str, dict[str, list[tuple[str, float]]]] = {}
-    candidates = [
-        name
-        for name in results
-        if results.axes(name)[-1] == "vocab"
-        and results.axes(name)[-2] == "token"
-        and "." not in name
-    ]
+    # Only (prompt, token, vocab) saves: with layer or step axes there is no
+    # single "next token" per prompt.
+    candidates = [name for name in results if results.axes(name) == ["prompt", "token", "vocab"]]
     path = results.attrs.get("model_resolved_path")
     if not candidates or not path:
         return found

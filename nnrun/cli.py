@@ -272,6 +272,14 @@ def _print_summary(results) -> None:
     for name, row in api.describe_saves(results).items():
         table.add_row(name, row["axes"], row["shape"], row["dtype"], f"{row['bytes']:,}")
     console.print(table)
+    generated = results.generation()
+    if generated:
+        gen = Table(title="generated")
+        gen.add_column("prompt")
+        gen.add_column("text")
+        for prompt, text in generated.items():
+            gen.add_row(prompt, repr(text))
+        console.print(gen)
     for name, by_prompt in api.top_next_tokens(results).items():
         top = Table(title=f"top next tokens ({name})")
         top.add_column("prompt")

@@ -55,10 +55,14 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
     def ranked(site: ResolvedLocation, what: str) -> int:
         rank = order.get((site.module, site.port))
         if rank is None:
-            raise CompileError(
-                f"{what}: {site.label} never runs in this model's forward pass "
-                f"(the module exists but the model does not call it)"
-            )
+            children = [n for n, _ in model.get_submodule(site.module).named_children()]
+            hint = "the module exists but the model never calls it"
+            if children:
+                hint = (
+                    f"it is a container the model never calls; its children run: use "
+                    f"{site.module}.{children[0]}.{site.port} or {site.module}.*.{site.port}"
+                )
+            raise CompileError(f"{what}: {site.label} never runs in the forward pass ({hint})")
         return rank
 
     for name, save in data.get("save", {}).items():

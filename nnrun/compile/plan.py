@@ -141,7 +141,9 @@ class SaveLayout:
     at: str  # the location as written in the spec
     sites: tuple[str, ...]  # resolved location for each layer, e.g. model.layers.0.output
     layered: bool  # True when `at` expands over several modules (a layer axis)
-    prompts: tuple[str, ...] | None  # ids in dataset order; None = every prompt, in run order
+    # The selected prompt ids (None: every prompt). Rows land in run order, not
+    # in this order; /axes/<name>/prompt labels them.
+    prompts: tuple[str, ...] | None
     tokens: TokenSelection
     apply: tuple[ApplyStep, ...]
     # Generation steps on the step axis (None without `generate:`: no step axis).

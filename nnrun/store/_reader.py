@@ -77,6 +77,15 @@ class Results(Mapping[str, Any]):
             texts = [_plain(v) for v in f["prompts/text"][()]]
         return dict(zip(ids, texts))
 
+    def generation(self) -> dict[str, str]:
+        """Each prompt's generated text (empty when the run did not generate)."""
+        with h5py.File(self.path, "r") as f:
+            if "generation" not in f:
+                return {}
+            ids = [_plain(v) for v in f["prompts/id"][()]]
+            texts = [_plain(v) for v in f["generation/text"][()]]
+        return dict(zip(ids, texts))
+
     def _axis(self, name: str, axis: str) -> Any:
         self._check(name)
         with h5py.File(self.path, "r") as f:
