@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from nnrun.errors import NnrunError
@@ -116,61 +117,16 @@ def plan(
 ) -> None:
     """Show the compiled plan: sites in execution order, actions, batches, output size."""
     from nnrun import api
+    from nnrun.compile import describe_plan
 
     report = api.plan(spec, set_ or (), log=_log)
     compiled = report.plan
     table = Table(title=f"plan for {spec} on {report.model_name}")
     for column in ("#", "site", "action", "prompts", "tokens", "steps"):
         table.add_column(column, no_wrap=column in ("#", "site"), overflow="fold")
-    for actions in compiled.sites:
-        rows = [
-            (
-                "save",
-                a.name
-                + (
-                    f" [layer {a.layer}]"
-                    if len(next(s for s in compiled.saves if s.name == a.name).sites) > 1
-                    else ""
-                )
-                + (" (before edits)" if a.before_edits else ""),
-                a,
-            )
-            for a in actions.saves
-            if a.before_edits
-        ]
-        rows += [("edit", f"{e.label}" + _operand_text(e), e) for e in actions.edits]
-        rows += [
-            (
-                "save",
-                a.name
-                + (
-                    f" [layer {a.layer}]"
-                    if len(next(s for s in compiled.saves if s.name == a.name).sites) > 1
-                    else ""
-                ),
-                a,
-            )
-            for a in actions.saves
-            if not a.before_edits
-        ]
-        rows += [
-            ("capture", f"source value{''.join(f'[{i}]' for i in c)}", None)
-            for c in actions.captures
-        ]
-        for kind, text, action in rows:
-            prompts = (
-                "all"
-                if action is None or action.prompts is None
-                else ", ".join(sorted(action.prompts))
-            )
-            table.add_row(
-                str(actions.site.order),
-                actions.site.label,
-                f"{kind} {text}",
-                prompts,
-                "" if action is None else str(action.tokens),
-                "" if action is None else str(action.steps),
-            )
+    for row in describe_plan(compiled):
+        cells = (str(row.order), row.site, row.action, row.prompts, row.tokens, row.steps)
+        table.add_row(*(escape(c) for c in cells))  # "[layer 0]" is text, not markup
     console.print(table)
     layout = Table(title="output", show_header=True)
     for column in ("save", "estimated shape", "estimated bytes"):
@@ -212,7 +168,8 @@ def modules(
         if depth is not None and row.depth > depth:
             continue
         shown = "(does not run)" if row.output is None and row.input is None else str(row.output)
-        table.add_row("  " * max(0, row.depth - 1) + (row.path or "(model)"), row.cls, shown)
+        path = "  " * max(0, row.depth - 1) + (row.path or "(model)")
+        table.add_row(escape(path), row.cls, escape(shown))
     console.print(table)
     console.print(
         "[dim]write a location as PATH.output or PATH.input, e.g. "
@@ -242,25 +199,13 @@ def show(
         "finished_utc",
     ):
         if key in results.attrs:
-            table.add_row(key, str(results.attrs[key]))
+            table.add_row(key, escape(str(results.attrs[key])))
     console.print(table)
     _print_summary(results)
 
 
 def _log(message: str) -> None:
     err_console.print(f"[dim]{message}[/dim]")
-
-
-def _operand_text(edit) -> str:
-    operand = edit.operand
-    if operand is None:
-        return ""
-    if hasattr(operand, "prompt"):
-        site = operand.module + "." + operand.port if operand.module else operand.port
-        return f" from '{operand.prompt}' at {site}"
-    if hasattr(operand, "file"):
-        return f" from {operand.file}:{operand.dataset}"
-    return f" {operand.data!r}"[:40]
 
 
 def _print_summary(results) -> None:
@@ -270,7 +215,7 @@ def _print_summary(results) -> None:
     for column in ("save", "axes", "shape", "dtype", "bytes"):
         table.add_column(column)
     for name, row in api.describe_saves(results).items():
-        table.add_row(name, row["axes"], row["shape"], row["dtype"], f"{row['bytes']:,}")
+        table.add_row(escape(name), row["axes"], row["shape"], row["dtype"], f"{row['bytes']:,}")
     console.print(table)
     generated = results.generation()
     if generated:
@@ -278,14 +223,14 @@ def _print_summary(results) -> None:
         gen.add_column("prompt")
         gen.add_column("text")
         for prompt, text in generated.items():
-            gen.add_row(prompt, repr(text))
+            gen.add_row(escape(prompt), escape(repr(text)))
         console.print(gen)
     for name, by_prompt in api.top_next_tokens(results).items():
         top = Table(title=f"top next tokens ({name})")
         top.add_column("prompt")
         top.add_column("top tokens (probability)")
         for prompt, tokens in by_prompt.items():
-            top.add_row(prompt, "  ".join(f"{t!r} {p:.3f}" for t, p in tokens))
+            top.add_row(escape(prompt), escape("  ".join(f"{t!r} {p:.3f}" for t, p in tokens)))
         console.print(top)
 
 

@@ -1,6 +1,7 @@
 """Stage 3: compile a validated spec against a model's module tree into a Plan."""
 
 from nnrun.compile._compile import compile_plan
+from nnrun.compile._describe import PlanRow, describe_plan
 from nnrun.compile._probe import SiteInfo, model_device, probe_sites, shape_of
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
 from nnrun.compile.plan import (
@@ -19,6 +20,7 @@ __all__ = [
     "EditAction",
     "HookSite",
     "Plan",
+    "PlanRow",
     "PromptSource",
     "ResolvedLocation",
     "SaveAction",
@@ -29,5 +31,6 @@ __all__ = [
     "probe_sites",
     "shape_of",
     "compile_plan",
+    "describe_plan",
     "resolve_location",
 ]
