@@ -336,6 +336,100 @@ def test_logits_at_a_prompt_position_during_generation_is_a_clear_error(tiny_lla
         run_spec(tmp_path, spec)
 
 
+def test_micro_batches_and_prompt_files_change_nothing(tiny_llama, tmp_path):
+    """batch_size and a streamed prompt file give the same ids and saves; before_edits too."""
+    before: list[torch.Tensor] = []
+
+    def record_then_add(out: torch.Tensor) -> torch.Tensor:
+        before.append(out[:, -1].clone())
+        return out + 0.5
+
+    want_ids, seen, mask = plain_generate(
+        tiny_llama,
+        list(PROMPTS.values()),
+        site="model.layers.2",
+        edit_site="model.layers.1",
+        edit=record_then_add,
+        max_new_tokens=3,
+    )
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("".join(t + "\n" for t in PROMPTS.values()))
+    spec = llama_spec(
+        tiny_llama,
+        generate={"max_new_tokens": 3},
+        edits=[{"at": "model.layers.1.output", "add": 0.5}],
+        save={
+            "h": {"at": LAST["llama"], "tokens": "all"},
+            "pre": {"at": "model.layers.1.output", "tokens": -1, "before_edits": True},
+        },
+    )
+    runs = [
+        run_spec(tmp_path, {**spec, "batch_size": 8}),
+        run_spec(tmp_path, {**spec, "batch_size": 1}),
+        run_spec(tmp_path, {**spec, "batch_size": 2, "prompts": {"file": str(prompt_file)}}),
+    ]
+    own = mask.sum(dim=1).tolist()
+    for results in runs:
+        assert rows(generation(results)) == want_ids
+        assert results.lengths("h").tolist() == [[n, 1, 1] for n in own]
+        h = results["h"]
+        for r, n in enumerate(own):
+            torch.testing.assert_close(h[r, 0, :n], seen[0][r, -n:], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(h[:, 1:, 0], last_per_step(seen)[:, 1:], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(
+            results["pre"][:, :, 0], torch.stack(before, dim=1), rtol=RTOL, atol=ATOL
+        )
+    assert runs[2].prompt_ids("h") == ["0", "1", "2"]
+
+
+def test_token_list_keeps_each_position_in_its_slot_at_later_steps(tiny_llama, tmp_path):
+    """tokens [0, -1]: slot 0 is position 0 (step 0 only), slot 1 the newest token."""
+    _, seen, mask = plain_generate(
+        tiny_llama, list(PROMPTS.values()), site="model.layers.2", max_new_tokens=3
+    )
+    spec = llama_spec(
+        tiny_llama,
+        generate={"max_new_tokens": 3},
+        save={"h": {"at": LAST["llama"], "tokens": [0, -1]}},
+    )
+    results = run_spec(tmp_path, spec)
+    with h5py.File(results.path, "r") as f:
+        assert f["axes/h/token"][()].tolist() == [0, -1]
+    got = results["h"]  # (prompt, step, token, hidden)
+    offsets = (mask.shape[1] - mask.sum(dim=1)).tolist()
+    first = torch.stack([seen[0][r, offsets[r]] for r in range(3)])
+    torch.testing.assert_close(got[:, 0, 0], first, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got[:, :, 1], last_per_step(seen), rtol=RTOL, atol=ATOL)
+    assert torch.isnan(got[:, 1:, 0]).all()
+
+
+def test_per_token_operand_of_a_token_list_during_generation(tiny_llama, tmp_path):
+    """add [v0, v1] at tokens [0, -1]: v0 at position 0 (prompt pass), v1 at every newest token."""
+    v = _steering_vector().view(1, HIDDEN) * torch.tensor([[1.0], [-1.0]])  # (2, 32)
+    calls = itertools.count()
+    _, tokenizer = plain(str(tiny_llama))
+    batch = tokenizer(list(PROMPTS.values()), return_tensors="pt", padding=True)
+    offsets = (batch["attention_mask"].shape[1] - batch["attention_mask"].sum(dim=1)).tolist()
+
+    def add(out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        if next(calls) == 0:
+            for r, o in enumerate(offsets):
+                out[r, o] += v[0]
+        out[:, -1] += v[1]
+        return out
+
+    want, _, _ = plain_generate(
+        tiny_llama, list(PROMPTS.values()), edit_site="model.layers.1", edit=add
+    )
+    spec = llama_spec(
+        tiny_llama,
+        generate={"max_new_tokens": N},
+        edits=[{"at": "model.layers.1.output", "tokens": [0, -1], "add": v.tolist()}],
+    )
+    assert rows(generation(run_spec(tmp_path, spec))) == want
+
+
 # -- EOS: ragged steps ------------------------------------------------------------------
 
 
@@ -643,6 +737,29 @@ def test_spec_steering_generation(tiny_llama, tmp_path):
     assert rows(generation(results)) == want
     # The save sits after the edit: it records the steered residual.
     check_steps(results["resid"], last_per_step(seen), [len(w) for w in want])
+
+
+def test_cli_run_with_a_one_step_logits_save(tiny_llama, tmp_path):
+    """`nnrun run` prints its summary and exits 0 for a generating spec that saves logits."""
+    from typer.testing import CliRunner
+
+    from nnrun.cli import app
+
+    spec = tmp_path / "next.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                **llama_spec(tiny_llama),
+                "nnrun": 1,
+                "generate": {"max_new_tokens": 3},
+                "save": {"next": {"at": "output", "tokens": -1, "steps": 0}},
+            }
+        )
+    )
+    out = tmp_path / "next.h5"
+    done = CliRunner().invoke(app, ["run", str(spec), "-o", str(out)], env={"COLUMNS": "200"})
+    assert nnrun.load(out).status == "complete"
+    assert done.exit_code == 0, f"{done.output}\n{done.exception!r}"
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def _operand(
     )
     if found is None:
         raise RunError(f"{edit.label}: prompt '{operand.prompt}' is not in this batch")
-    found = TokenIndex(found.rows[:1], found.columns[:1], found.counts[:1], found.ragged)
+    found = TokenIndex(found.rows[:1], found.columns[:1], found.valid[:1], found.ragged)
     if found.ragged and index.ragged and found.columns.shape[1] != selected.shape[1]:
         raise RunError(
             f"{edit.label} at {label}: prompt '{operand.prompt}' gives {found.columns.shape[1]} "
@@ -226,7 +226,7 @@ def _noise(
         key = f"{ctx.seed}/{edit.index}/{ctx.batch.ids[row]}/{label}/{ctx.step}"
         seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
         generator = torch.Generator(device=selected.device).manual_seed(seed)
-        noise[i, :count] = torch.randn(
+        noise[i, index.valid[i]] = torch.randn(
             (count, *selected.shape[2:]), generator=generator, device=selected.device
         )
     return noise.to(selected.dtype)

@@ -16,15 +16,22 @@ class TokenIndex:
     """Where a selection's values sit in a padded batch.
 
     `rows` are batch rows; `columns[i, k]` is the padded column of the k-th
-    selected token of row `rows[i]`. Rows select different numbers of tokens
-    when the selection is ragged (`all`, slices): `counts[i]` says how many
-    are real, the rest repeat a valid column and are masked by the caller.
+    selected token of row `rows[i]`. Not every entry is real: rows select
+    different numbers of tokens when the selection is ragged (`all`, slices),
+    and while generating a token list keeps its slots but only the slot of
+    the new token is real. `valid` marks the real entries; the others point
+    at some valid column and are masked by the caller.
     """
 
     rows: torch.Tensor  # (R,)
     columns: torch.Tensor  # (R, K)
-    counts: torch.Tensor  # (R,)
+    valid: torch.Tensor  # (R, K) bool
     ragged: bool
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(R,) how many entries of each row are real."""
+        return self.valid.sum(dim=1)
 
     def valid_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) batch rows and (N,) columns of the real (non-padding) entries."""
@@ -48,13 +55,7 @@ class TokenIndex:
                 f"{input_tokens} positions (during generation only the last position gets "
                 f"logits); select tokens: -1"
             )
-        return TokenIndex(self.rows, (self.columns - shift).clamp(min=0), self.counts, self.ragged)
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """(R, K) bool: which entries are real tokens rather than padding."""
-        k = torch.arange(self.columns.shape[1], device=self.columns.device)
-        return k[None, :] < self.counts[:, None]
+        return TokenIndex(self.rows, (self.columns - shift).clamp(min=0), self.valid, self.ragged)
 
 
 def token_index(
@@ -72,13 +73,15 @@ def token_index(
     generation step k >= 1 the model sees one new token per row, the prompt's
     own position `length + k - 1`: a row selects column 0 when the selection,
     resolved over the `length + k` tokens so far, contains that position
-    (`all` and `-1` do; positions inside the prompt do not), else nothing.
+    (`all` and `-1` do; positions inside the prompt do not), else nothing. A
+    token list keeps one slot per listed position, so the new token lands in
+    the slot of the entry that named it (`[0, -1]`: slot 1).
 
     Returns None when no prompt of the batch is selected. `what` names the
     action for error messages ("save 'resid'", "edits[2]").
     """
     rows: list[int] = []
-    positions: list[list[int]] = []
+    positions: list[list[int | None]] = []  # None: a slot with no real token
     lengths = batch.lengths.tolist()
     offsets = batch.offsets.tolist()
     for row, prompt_id in enumerate(batch.ids):
@@ -97,9 +100,13 @@ def token_index(
         rows.append(row)
         if step == 0:
             positions.append([offsets[row] + p for p in own])
+            continue
+        seen = lengths[row] + step  # tokens so far; the newest is being processed
+        newest = [p == seen - 1 for p in tokens.resolve(seen)]
+        if tokens.kind == "list":
+            positions.append([0 if is_new else None for is_new in newest])
         else:
-            seen = lengths[row] + step  # tokens so far; the newest is being processed
-            positions.append([0] if seen - 1 in set(tokens.resolve(seen)) else [])
+            positions.append([0] if any(newest) else [])
     if not rows:
         return None
     width = max(len(p) for p in positions)
@@ -109,12 +116,13 @@ def token_index(
             width = 1  # nothing selected at this step: one masked column per row
         else:
             raise RunError(f"{what}: tokens {tokens} selects no token of the prompts")
-    # Pad short rows with their first column; `counts` marks them as padding.
-    columns = [p + [p[0] if p else 0] * (width - len(p)) for p in positions]
+    # Short rows and empty slots point at column 0 and are marked not valid.
+    columns = [[0 if c is None else c for c in p] + [0] * (width - len(p)) for p in positions]
+    valid = [[c is not None for c in p] + [False] * (width - len(p)) for p in positions]
     device = batch.input_ids.device
     return TokenIndex(
         rows=torch.tensor(rows, device=device),
         columns=torch.tensor(columns, device=device),
-        counts=torch.tensor([len(p) for p in positions], device=device),
+        valid=torch.tensor(valid, device=device),
         ragged=ragged,
     )

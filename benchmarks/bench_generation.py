@@ -1,0 +1,175 @@
+"""Benchmark: greedy generation with a per-step save, plain transformers vs nnrun vs nnsight.
+
+One process, the builtin SmolLM2-135M-Instruct (fp32) on the CPU. Each contender
+generates the same new tokens greedily for the same left-padded batch:
+
+  plain         model.generate, no hooks
+  nnrun         nnrun.run(dict spec) saving model.layers[-1].output at tokens -1 at
+                every step, written to an HDF5 file in a temp dir (includes the
+                model load, compile and file write of every run)
+  nnrun-engine  the same spec through nnrun.engine.Engine on a model loaded and a
+                plan compiled once: hooks + generation + host copies only
+  nnsight       nnsight 0.8.1 (model loaded once) saving the same value per step with
+                `for step in tracer.iter[0:N]`
+
+Every contender runs once as a warm-up, then --runs rounds that take turns between the
+contenders; the median of each is reported.
+The generated ids of all contenders are checked to be identical first.
+
+    .venv/bin/python benchmarks/bench_generation.py               # 5 runs
+    .venv/bin/python benchmarks/bench_generation.py --runs 3 --new-tokens 8
+
+Not part of the test suite. Needs nnsight==0.8.1 (the `test` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROMPTS = {
+    "france": "The capital of France is",
+    "eiffel": "The Eiffel Tower is in the city of",
+    "hi": "Hi",
+    "story": "Once upon a time, in a small village by the sea, there lived",
+}
+SITE = "model.layers[-1].output"
+
+
+def spec(new_tokens: int) -> dict[str, Any]:
+    return {
+        "nnrun": 1,
+        "name": "bench-generation",
+        "model": {"builtin": "smollm2-135m-instruct", "device": "cpu"},
+        "prompts": dict(PROMPTS),
+        "batch_size": len(PROMPTS),
+        "generate": {"max_new_tokens": new_tokens, "do_sample": False},
+        "save": {"last": {"at": SITE, "tokens": -1, "steps": "all"}},
+    }
+
+
+def timed(contenders: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
+    """Seconds per call of each contender, `runs` rounds after one warm-up call each.
+
+    Rounds interleave the contenders, so a slow spell of the machine hits them alike.
+    """
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(runs):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per contender")
+    parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens")
+    args = parser.parse_args()
+    n = args.new_tokens
+
+    import nnsight
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import nnrun
+    from nnrun.compile import compile_plan
+    from nnrun.engine import Engine
+    from nnrun.models import builtin_checkpoint, load_model
+    from nnrun.spec import check_spec
+
+    path = str(builtin_checkpoint())
+    texts = list(PROMPTS.values())
+    print(
+        f"SmolLM2-135M-Instruct fp32 CPU, batch {len(texts)}, {n} new tokens greedy, "
+        f"{args.runs} runs after a warm-up"
+    )
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__}, nnsight {nnsight.__version__}, nnrun {nnrun.__version__}, "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    )
+
+    # (a) plain transformers
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+
+    def plain() -> list[list[int]]:
+        with torch.inference_mode():
+            out = model.generate(
+                **batch, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        return out[:, batch["input_ids"].shape[1] :].tolist()
+
+    # (b) nnrun through the public API, and the engine alone
+    tmp = Path(tempfile.mkdtemp(prefix="nnrun-bench-"))
+
+    def via_api() -> list[list[int]]:
+        import h5py
+
+        results = nnrun.run(spec(n), output=tmp / "bench.h5")
+        with h5py.File(results.path, "r") as f:
+            return f["generation/ids"][()].tolist()
+
+    loaded = check_spec(spec(n))
+    nn_model = load_model(loaded.data["model"])
+    plan = compile_plan(loaded, nn_model.model, nn_model.tokenizer)
+
+    def via_engine() -> list[list[int]]:
+        engine = Engine(plan, nn_model.model, nn_model.tokenizer)
+        (result,) = list(engine.run())
+        assert tuple(result.saves["last"].data.shape[:2]) == (len(texts), n)
+        return result.generated
+
+    # (c) nnsight
+    oracle = nnsight.TransformersModel(path, task="text-generation", tokenizer=path, dispatch=True)
+
+    def via_nnsight() -> list[list[int]]:
+        with oracle.generate(texts, max_new_tokens=n, do_sample=False) as tracer:
+            hidden = list().save()
+            for _ in tracer.iter[0:n]:
+                hidden.append(oracle.model.layers[-1].output[:, -1].save())
+            ids = tracer.result.save()
+        assert len(hidden) == n
+        return ids[:, -n:].tolist()
+
+    contenders = {
+        "plain": plain,
+        "nnrun": via_api,
+        "nnrun-engine": via_engine,
+        "nnsight": via_nnsight,
+    }
+    # The same greedy tokens everywhere (nnrun cuts each row after its EOS).
+    reference = plain()
+    for name, fn in contenders.items():
+        got = fn()
+        cut = [row[: len(g)] for row, g in zip(reference, got)]
+        assert got == cut, f"{name} generated other tokens than plain generate"
+
+    medians = {}
+    for name, times in timed(contenders, args.runs).items():
+        medians[name] = statistics.median(times)
+        spread = ", ".join(f"{t:.3f}" for t in times)
+        print(f"{name:>13}: median {medians[name]:.3f} s   ({spread})")
+    base = medians["plain"]
+    print()
+    for name in ("nnrun", "nnrun-engine", "nnsight"):
+        print(f"{name + '/plain':>19}: {medians[name] / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
