@@ -29,12 +29,11 @@ import os
 import platform
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import timed
 
 PROMPTS = {
     "france": "The capital of France is",
@@ -55,22 +54,6 @@ def spec(new_tokens: int) -> dict[str, Any]:
         "generate": {"max_new_tokens": new_tokens, "do_sample": False},
         "save": {"last": {"at": SITE, "tokens": -1, "steps": "all"}},
     }
-
-
-def timed(contenders: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
-    """Seconds per call of each contender, `runs` rounds after one warm-up call each.
-
-    Rounds interleave the contenders, so a slow spell of the machine hits them alike.
-    """
-    for fn in contenders.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(runs):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
