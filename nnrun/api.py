@@ -146,7 +146,7 @@ def plan(
 
     import torch
 
-    from nnrun.compile import compile_plan, probe_sites
+    from nnrun.compile import compile_plan, probe_sites, value_shape
     from nnrun.engine import count_prompts, make_batch
     from nnrun.engine._apply import apply_steps
 
@@ -168,7 +168,7 @@ def plan(
         module, port = _site_of(layout.sites[0])
         probed = sites[(module, port)].shape
         indices = next(a.indices for s in compiled.sites for a in s.saves if a.name == layout.name)
-        own = _value_shape(probed, indices, root=module == "")
+        own = value_shape(probed, indices, root=module == "") or ()
         tokens = len(layout.tokens.positions) if layout.tokens.kind == "list" else longest
         sample = torch.zeros((1, 1, *own), dtype=model.model.dtype)
         with torch.inference_mode():
@@ -200,16 +200,6 @@ def _site_of(label: str) -> tuple[str, str]:
     base = label.split("[", 1)[0]
     module, _, port = base.rpartition(".")
     return module, port
-
-
-def _value_shape(probed: Any, indices: tuple[int, ...], *, root: bool) -> tuple[int, ...]:
-    """A probed site's value axes after (batch, tokens), at the save's tuple indices."""
-    path = list(indices)
-    if root and not path and probed and not isinstance(probed[0], int):
-        path = [0]  # a model output's main tensor comes first (logits / last_hidden_state)
-    for i in path:
-        probed = probed[i]
-    return tuple(probed[2:])
 
 
 @dataclass

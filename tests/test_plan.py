@@ -149,3 +149,29 @@ def test_modules_takes_a_spec_and_uses_its_first_prompt(tiny_gpt2: Path, tmp_pat
     assert "transformer.h" in result.stdout
     assert "transformer.h.0 " not in result.stdout  # deeper than --depth 2
     assert "'Hi'" in result.stdout
+
+
+def test_skip_with_mismatched_shapes_fails_at_compile(tiny_llama: Path) -> None:
+    spec = _spec(tiny_llama, edits=[{"at": "model.layers.0.mlp.up_proj.output", "skip": True}])
+    with pytest.raises(CompileError) as caught:
+        _compile(tiny_llama, spec)
+    message = str(caught.value)
+    assert "edits[0] (skip)" in message
+    assert "(1, 2, 32)" in message and "(1, 2, 64)" in message
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"at": "model.layers.1.output", "prompts": ["corrupt"], "tokens": [-1], "add": [1.0] * 7},
+        {"at": "model.layers.1.output", "tokens": [0, -1], "mul": [[1.0] * 32] * 3},
+    ],
+)
+def test_operand_shape_mismatch_fails_before_any_file(
+    tiny_llama: Path, tmp_path: Path, edit: dict[str, Any]
+) -> None:
+    out = tmp_path / "x.h5"
+    with pytest.raises(nnrun.RunError) as caught:
+        nnrun.run(_spec(tiny_llama, edits=[edit], output=str(out)))
+    assert "does not broadcast to the selection's shape" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # not even a .partial.h5

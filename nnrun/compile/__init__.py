@@ -2,7 +2,7 @@
 
 from nnrun.compile._compile import compile_plan
 from nnrun.compile._describe import PlanRow, describe_plan
-from nnrun.compile._probe import SiteInfo, model_device, probe_sites, shape_of
+from nnrun.compile._probe import SiteInfo, model_device, probe_sites, shape_of, value_shape
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
 from nnrun.compile.plan import (
     ApplyStep,
@@ -30,6 +30,7 @@ __all__ = [
     "model_device",
     "probe_sites",
     "shape_of",
+    "value_shape",
     "compile_plan",
     "describe_plan",
     "resolve_location",

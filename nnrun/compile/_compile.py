@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from nnrun.compile._probe import probe_sites
+from nnrun.compile._probe import probe_sites, value_shape
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
 from nnrun.compile.plan import (
     ApplyStep,
@@ -43,7 +43,8 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
     ['model.layers.0.output', ..., 'output']
     """
     data = spec.data
-    order = {key: info.rank for key, info in probe_sites(model, tokenizer=tokenizer).items()}
+    probed = probe_sites(model, tokenizer=tokenizer)
+    order = {key: info.rank for key, info in probed.items()}
     saves_at: dict[_SITE_KEY, list[SaveAction]] = defaultdict(list)
     edits_at: dict[_SITE_KEY, list[EditAction]] = defaultdict(list)
     captures_at: dict[_SITE_KEY, set[tuple[int, ...]]] = defaultdict(set)
@@ -107,6 +108,9 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
         sources += params.get("over", [])
         for site in sites:
             target_rank = ranked(site, f"{path}.at")
+            shape = probed[(site.module, site.port)].shape
+            if op == "skip":
+                _check_skip(site, shape, probed.get((site.module, "input")), path)
             operand = _operand(model, op, edit[op], site, f"{path}.{op}")
             if isinstance(operand, PromptValue):
                 sources.append(operand.prompt)
@@ -131,6 +135,7 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
                     prompts=_frozen(_prompt_ids(edit.get("prompts", "all"))),
                     tokens=parse_token_selection(edit.get("tokens", "all")),
                     steps=parse_step_selection(edit.get("steps", "all")),
+                    value_shape=value_shape(shape, site.indices, root=site.module == ""),
                 )
             )
 
@@ -163,6 +168,21 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
         generate=dict(generate) if generate else None,
         source_prompts=tuple(dict.fromkeys(sources)),
     )
+
+
+def _check_skip(site: ResolvedLocation, shape: Any, module_input: Any, path: str) -> None:
+    """`skip` hands the module's input on as its output: the two shapes must match."""
+    output = shape
+    for i in site.indices:
+        output = output[i] if isinstance(output, tuple) and not isinstance(output[0], int) else None
+    given = None if module_input is None else module_input.shape
+    if site.port != "output" or given is None or output != given:
+        raise CompileError(
+            f"{path} (skip) at {site.label}: skip passes {site.module or 'the model'}'s input "
+            f"through as its output, but in a probe pass its input has shape {given} and its "
+            f"output{''.join(f'[{i}]' for i in site.indices)} shape {output}; skip needs the "
+            f"two to match (e.g. skip a whole block, or an attention output[0])"
+        )
 
 
 def _prompt_ids(selection: Any) -> tuple[str, ...] | None:

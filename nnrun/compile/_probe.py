@@ -73,6 +73,27 @@ def shape_of(value: Any) -> Shape:
     return None
 
 
+def value_shape(shape: Shape, indices: tuple[int, ...], *, root: bool) -> tuple[int, ...] | None:
+    """A probed site's value axes after (batch, tokens), at a location's tuple indices.
+
+    None when the indices do not lead to a tensor.
+    """
+    path = list(indices)
+    if root and not path and shape and not isinstance(shape[0], int):
+        path = [0]  # a model output's main tensor comes first (logits / last_hidden_state)
+    for i in path:
+        if (
+            not isinstance(shape, tuple)
+            or isinstance(shape[0], int)
+            or not -len(shape) <= i < len(shape)
+        ):
+            return None
+        shape = shape[i]
+    if not shape or not isinstance(shape[0], int):
+        return None
+    return tuple(shape[2:])
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where inputs go: the model's own device, or the first shard's under a device map."""
     device = getattr(model, "device", None)

@@ -111,6 +111,9 @@ class EditAction:
     prompts: frozenset[str] | None
     tokens: TokenSelection
     steps: StepSelection
+    # The value's own axes at the site (after batch and tokens), from the probe
+    # pass; lets a wrong operand shape fail before any prompt runs.
+    value_shape: tuple[int, ...] | None = None
 
     @property
     def label(self) -> str:

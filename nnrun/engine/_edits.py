@@ -27,29 +27,30 @@ class OperandCache:
         self._host: dict[Any, torch.Tensor] = {}
         self._device: dict[Any, torch.Tensor] = {}
 
-    def literal(self, edit: EditAction, like: torch.Tensor) -> torch.Tensor:
-        assert isinstance(edit.operand, LiteralValue)
-        key = ("literal", edit.index, like.dtype, like.device)
-        if key not in self._device:
-            try:
-                host = torch.tensor(edit.operand.data, dtype=torch.float64)
-            except (TypeError, ValueError):
-                raise RunError(
-                    f"{edit.label}: the value is not a number or a nested list of numbers"
-                ) from None
-            self._device[key] = host.to(device=like.device, dtype=like.dtype)
-        return self._device[key]
-
-    def file(self, edit: EditAction, like: torch.Tensor | None = None) -> torch.Tensor:
+    def host(self, edit: EditAction) -> torch.Tensor:
+        """The operand of a literal or file value, on the host, as written or read."""
         operand = edit.operand
-        assert isinstance(operand, FileValue)
-        if operand not in self._host:
-            self._host[operand] = read_file_tensor(operand, edit.label)
-        if like is None:
-            return self._host[operand]
-        key = (operand, like.dtype, like.device)
+        # Literal lists are not hashable: an edit's literal is keyed by its index.
+        key = operand if isinstance(operand, FileValue) else ("literal", edit.index)
+        if key not in self._host:
+            if isinstance(operand, FileValue):
+                self._host[key] = read_file_tensor(operand, edit.label)
+            else:
+                assert isinstance(operand, LiteralValue)
+                try:
+                    self._host[key] = torch.tensor(operand.data, dtype=torch.float64)
+                except (TypeError, ValueError):
+                    raise RunError(
+                        f"{edit.label}: the value is not a number or a nested list of numbers"
+                    ) from None
+        return self._host[key]
+
+    def on_device(self, edit: EditAction, like: torch.Tensor) -> torch.Tensor:
+        """The operand in `like`'s dtype and on its device (converted once)."""
+        operand = edit.operand
+        key = (operand if isinstance(operand, FileValue) else edit.index, like.dtype, like.device)
         if key not in self._device:
-            self._device[key] = self._host[operand].to(device=like.device, dtype=like.dtype)
+            self._device[key] = self.host(edit).to(device=like.device, dtype=like.dtype)
         return self._device[key]
 
 
@@ -74,6 +75,41 @@ def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
             return torch.from_numpy(f[operand.dataset][()])
     except OSError as e:
         raise RunError(f"{what}: cannot read '{path}' as HDF5: {e}") from None
+
+
+def check_operand_shape(
+    edit: EditAction, shape: tuple[int, ...], site: str, selected: tuple[int, int] | None
+) -> None:
+    """Fail before the run when an operand cannot broadcast to the selection.
+
+    The selection is (prompts, tokens, *value axes): `selected` gives the first
+    two for the inline prompts (None for streamed prompts: then only the value
+    axes, known from the compile-time probe, are checked here, and the whole
+    shape again when the edit runs).
+    """
+    own = edit.value_shape
+    if own is None:
+        return
+    label = site + "".join(f"[{i}]" for i in edit.indices)
+    target = (*selected, *own) if selected is not None else own
+    checked = shape if selected is not None else shape[-len(own) :] if own else ()
+    try:
+        fits = torch.broadcast_shapes(checked, target) == target
+    except RuntimeError:
+        fits = False
+    if selected is None and len(shape) > len(own) + 2:
+        fits = False
+    if not fits:
+        wanted = target if selected is not None else ("prompts", "tokens", *own)
+        raise RunError(
+            f"{edit.label} at {label}: the value has shape {shape}, which does not broadcast "
+            f"to the selection's shape {_shape_text(wanted)} (prompts, tokens, then the "
+            f"value's own axes)"
+        )
+
+
+def _shape_text(shape: tuple[Any, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 class EditContext:
@@ -185,10 +221,8 @@ def _operand(
     label: str,
 ) -> torch.Tensor:
     operand = edit.operand
-    if isinstance(operand, LiteralValue):
-        return ctx.operands.literal(edit, selected)
-    if isinstance(operand, FileValue):
-        return ctx.operands.file(edit, selected)
+    if isinstance(operand, LiteralValue | FileValue):
+        return ctx.operands.on_device(edit, selected)
     assert isinstance(operand, PromptValue)
     source = value if operand.key == site_key else ctx.captured.get(operand.key)
     if source is None:

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from nnrun.compile._probe import model_device
-from nnrun.compile.plan import FileValue, Plan, SaveAction, SiteActions
+from nnrun.compile.plan import FileValue, LiteralValue, Plan, SaveAction, SiteActions
 from nnrun.engine._apply import apply_steps
 from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_ids
-from nnrun.engine._edits import EditContext, OperandCache, apply_edit
+from nnrun.engine._edits import EditContext, OperandCache, apply_edit, check_operand_shape
 from nnrun.engine._ports import get_value, set_value
 from nnrun.engine._select import TokenIndex, token_index
 from nnrun.errors import RunError
@@ -97,26 +97,26 @@ class Engine:
         """Check what can be checked before any forward pass or output file.
 
         Resolves every selection against every inline prompt (a token beyond a
-        prompt's length fails here, naming the save or edit) and reads every
-        file operand once.
+        prompt's length fails here, naming the save or edit), reads every file
+        operand once, and checks literal and file operands against the value
+        shapes the compile-time probe saw.
         """
-        for actions in self.plan.sites:
-            for edit in actions.edits:
-                if isinstance(edit.operand, FileValue):
-                    self.operands.file(edit)
-        if self.plan.prompts.inline is None:
-            return
-        batch = make_batch(
-            list(self.plan.prompts.inline),
-            self.tokenizer,
-            torch.device("cpu"),
-            left_pad=self.left_pad,
-        )
+        batch = None
+        if self.plan.prompts.inline is not None:
+            inline = list(self.plan.prompts.inline)
+            batch = make_batch(inline, self.tokenizer, torch.device("cpu"), left_pad=self.left_pad)
         for actions in self.plan.sites:
             for save in actions.saves:
-                token_index(batch, save.prompts, save.tokens, what=f"save '{save.name}'")
+                if batch is not None:
+                    token_index(batch, save.prompts, save.tokens, what=f"save '{save.name}'")
             for edit in actions.edits:
-                token_index(batch, edit.prompts, edit.tokens, what=edit.label)
+                index = None
+                if batch is not None:
+                    index = token_index(batch, edit.prompts, edit.tokens, what=edit.label)
+                if isinstance(edit.operand, FileValue | LiteralValue):
+                    operand = self.operands.host(edit)
+                    selected = None if index is None else tuple(index.columns.shape)
+                    check_operand_shape(edit, tuple(operand.shape), actions.site.label, selected)
 
     def run(self) -> Iterator[BatchResult]:
         """Yield one BatchResult per micro-batch; hooks are removed afterwards."""
