@@ -120,18 +120,33 @@ class EditContext:
         self.operands = operands
         self.seed = seed
         self.captured: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
-        self.step = 0  # the generation step of the forward pass under way
+        self.step = -1  # the generation step of the forward pass under way (-1: none yet)
         self.width = batch.width  # how many tokens per row that forward takes
         self._index: dict[Any, TokenIndex | None] = {}
 
     def index(
-        self, prompts: frozenset[str] | None, tokens, what: str, value_tokens: int | None = None
+        self,
+        prompts: frozenset[str] | None,
+        tokens,
+        what: str,
+        value_tokens: int | None = None,
+        *,
+        include_aux: bool = True,
     ) -> TokenIndex | None:
-        """Rows and columns of a selection at this step, fitted to a value's token axis."""
-        key = (prompts, tokens, self.step)
+        """Rows and columns of a selection at this step, fitted to a value's token axis.
+
+        Edits reach the auxiliary source rows too (so a source that is itself
+        edited reads as it would alone); saves pass `include_aux=False`.
+        """
+        key = (prompts, tokens, self.step, include_aux)
         if key not in self._index:
             self._index[key] = token_index(
-                self.batch, prompts, tokens, what=what, include_aux=True, step=self.step
+                self.batch,
+                prompts,
+                tokens,
+                what=what,
+                include_aux=include_aux,
+                step=max(self.step, 0),
             )
         found = self._index[key]
         if found is None or value_tokens is None:

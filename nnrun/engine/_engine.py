@@ -51,24 +51,22 @@ class _BatchState:
     def __init__(self, batch: Batch, edits: EditContext) -> None:
         self.batch = batch
         self.edits = edits
-        self.step = -1  # the step hook sets 0 for the prompt pass, k for the k-th new token
-        self.indices: dict[tuple[Any, ...], TokenIndex | None] = {}
         # save name -> (layer, step) -> (values, token index) kept on the device
         # until the batch ends, so the host copy is one transfer per save.
         self.collected: dict[str, dict[tuple[int, int], tuple[Any, TokenIndex]]] = {}
 
+    @property
+    def step(self) -> int:
+        """0 for the prompt pass, k for the pass over the k-th new token (-1 before)."""
+        return self.edits.step
+
     def start_step(self, width: int) -> None:
-        self.step += 1
-        self.edits.step = self.step
+        self.edits.step += 1
         self.edits.width = width
 
     def index_for(self, prompts: frozenset[str] | None, tokens, what: str) -> TokenIndex | None:
-        key = (prompts, tokens, self.step)
-        if key not in self.indices:
-            self.indices[key] = token_index(
-                self.batch, prompts, tokens, what=what, step=max(self.step, 0)
-            )
-        return self.indices[key]
+        """A save's rows and columns at this step (never the auxiliary source rows)."""
+        return self.edits.index(prompts, tokens, what, include_aux=False)
 
 
 class Engine:
@@ -300,7 +298,7 @@ class Engine:
         for layout in self.plan.saves:
             entries = state.collected.get(layout.name, {})
             if not entries:
-                state.step = 0
+                state.edits.step = 0
                 selected = state.index_for(
                     None if layout.prompts is None else frozenset(layout.prompts),
                     layout.tokens,
