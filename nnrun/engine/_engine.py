@@ -283,6 +283,8 @@ class Engine:
                 f"tokens, ...) but it has shape {tuple(value.shape)}"
             )
         index = index.fit(value.shape[1], state.edits.width, f"{what} at {label}")
+        if not wanted:  # only the sample's shape is used: one column is enough
+            index = TokenIndex(index.rows, index.columns[:, :1], index.valid[:, :1], True)
         picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
         picked = apply_steps(save.apply, picked, self.modules)
         step = state.step if wanted else -1
@@ -317,17 +319,18 @@ class Engine:
                     f"save '{layout.name}': site {missing[0]} never ran in the forward pass"
                 )
 
-            def host(step: int, entries=entries, layout=layout) -> SaveBatch:
+            def assembled(step: int, entries=entries, layout=layout) -> SaveBatch:
                 values = [entries[(i, step)][0] for i in range(len(layout.sites))]
-                return _to_host(values, entries[(0, step)][1], layout.layered, batch)
+                return _assemble(values, entries[(0, step)][1], layout.layered, batch)
 
             if layout.steps is None:
-                out[layout.name] = host(0)
+                out[layout.name] = _to_host(assembled(0))
                 continue
             # None: every row had stopped before this step, so it never ran.
-            per_step = [host(step) if (0, step) in entries else None for step in layout.steps]
-            sample = host(first) if all(p is None for p in per_step) else None
-            out[layout.name] = _stack_steps(per_step, layout, batch, generated, sample)
+            per_step = [assembled(s) if (0, s) in entries else None for s in layout.steps]
+            sample = assembled(first) if all(p is None for p in per_step) else None
+            stacked = _stack_steps(per_step, layout, batch, generated, sample)
+            out[layout.name] = _to_host(stacked)
         return out
 
 
@@ -347,7 +350,7 @@ def _stack_steps(
     generated: list[list[int]] | None,
     sample: SaveBatch | None = None,
 ) -> SaveBatch:
-    """Per-step host values -> (R, [L], step, token, ...), masked after each row's end.
+    """Per-step values -> (R, [L], step, token, ...) on the device, masked after each row's end.
 
     A row's step k is real while k < the number of tokens it generated: the
     step after its EOS is a forward the batch ran for other rows only.
@@ -367,30 +370,31 @@ def _stack_steps(
             fill = float("nan") if tensor.is_floating_point() else -1
             shape = list(tensor.shape)
             shape[token_axis] = width
-            padded = torch.full(shape, fill, dtype=tensor.dtype)
+            padded = torch.full(shape, fill, dtype=tensor.dtype, device=tensor.device)
             if p is not None:
                 padded.narrow(token_axis, 0, tensor.shape[token_axis]).copy_(tensor)
             parts[key].append(padded)
+        n_rows, device = len(ref.prompt_ids), ref.data.device
         if p is None:
-            counts.append(torch.zeros(len(ref.prompt_ids), dtype=torch.long))
+            counts.append(torch.zeros(n_rows, dtype=torch.long, device=device))
+        elif p.counts is not None:
+            counts.append(p.counts)
         else:
-            counts.append(
-                p.counts
-                if p.counts is not None
-                else torch.full((len(ref.prompt_ids),), p.data.shape[token_axis], dtype=torch.long)
-            )
+            counts.append(torch.full((n_rows,), p.data.shape[token_axis], device=device))
     stacked = {k: torch.stack(v, dim=token_axis) for k, v in parts.items()}  # (R, [L], S, K, ...)
-    count = torch.stack(counts, dim=1)  # (R, S)
+    count = torch.stack([c.long() for c in counts], dim=1)  # (R, S)
     if generated is not None:
         rows = [batch.ids.index(p) for p in ref.prompt_ids]
-        made = torch.tensor([len(generated[r]) for r in rows])  # (R,)
-        alive = torch.tensor(layout.steps)[None, :] < made[:, None]  # (R, S)
+        device = count.device
+        made = torch.tensor([len(generated[r]) for r in rows], device=device)  # (R,)
+        alive = torch.tensor(layout.steps, device=device)[None, :] < made[:, None]  # (R, S)
         count = torch.where(alive, count, torch.zeros_like(count))
         for key, tensor in stacked.items():
             mask = alive.view(*alive.shape[:1], *([1] * (token_axis - 1)), alive.shape[1])
             mask = mask.view(*mask.shape, *([1] * (tensor.dim() - mask.dim())))
             fill = float("nan") if tensor.is_floating_point() else -1
-            stacked[key] = torch.where(mask, tensor, torch.full((), fill, dtype=tensor.dtype))
+            fill_value = torch.full((), fill, dtype=tensor.dtype, device=device)
+            stacked[key] = torch.where(mask, tensor, fill_value)
     return SaveBatch(
         data=stacked["values"],
         prompt_ids=ref.prompt_ids,
@@ -399,15 +403,25 @@ def _stack_steps(
     )
 
 
-def _to_host(values: list[Any], index: TokenIndex, layered: bool, batch: Batch) -> SaveBatch:
-    """(R, K, ...) per layer -> one host tensor (R, [L], K, ...), padding masked."""
+def _to_host(save: SaveBatch) -> SaveBatch:
+    """The same save with its tensors on the host: one transfer per tensor per batch."""
+    return SaveBatch(
+        data=save.data.to("cpu"),
+        prompt_ids=save.prompt_ids,
+        counts=None if save.counts is None else save.counts.to("cpu"),
+        extra={k: v.to("cpu") for k, v in save.extra.items()},
+    )
+
+
+def _assemble(values: list[Any], index: TokenIndex, layered: bool, batch: Batch) -> SaveBatch:
+    """(R, K, ...) per layer -> one device tensor (R, [L], K, ...), padding masked."""
     extra_names: list[str] = []
     if isinstance(values[0], dict):  # ops such as topk give several tensors
         extra_names = [k for k in values[0] if k != "values"]
         parts = {k: [v[k] for v in values] for k in values[0]}
     else:
         parts = {"values": values}
-    host: dict[str, torch.Tensor] = {}
+    host: dict[str, torch.Tensor] = {}  # still on the device
     for key, tensors in parts.items():
         data = torch.stack(tensors, dim=1) if layered else tensors[0]  # (R, [L], K, ...)
         if index.ragged:
@@ -418,12 +432,12 @@ def _to_host(values: list[Any], index: TokenIndex, layered: bool, batch: Batch) 
             data = torch.where(
                 valid, data, torch.full((), fill, dtype=data.dtype, device=data.device)
             )
-        host[key] = data.to("cpu")
+        host[key] = data
     rows = index.rows.tolist()
     return SaveBatch(
         data=host["values"],
         prompt_ids=[batch.ids[r] for r in rows],
-        counts=index.counts.to("cpu") if index.ragged else None,
+        counts=index.counts if index.ragged else None,
         extra={k: host[k] for k in extra_names},
     )
 
