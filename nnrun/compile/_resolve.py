@@ -44,7 +44,7 @@ def resolve_location(
     names = [""]  # dotted names reached so far
     modules = [model]
     layered = False
-    for segment in location.module_segments:
+    for depth, segment in enumerate(location.module_segments):
         next_names, next_modules = [], []
         for name, module in zip(names, modules):
             children = list(module.named_children())
@@ -56,9 +56,12 @@ def resolve_location(
                 chosen = _child(module, children, segment)
                 if chosen is None:
                     wanted = _join(name, str(segment))
+                    # Match the whole intended path too: model.layer.5 -> model.layers.5.
+                    rest = [_plain(s) for s in location.module_segments[depth + 1 :]]
+                    whole = ".".join([wanted, *rest])
                     raise CompileError(
                         f"{spec_path}: no module '{wanted}' in {type(model).__name__}"
-                        f"{_nearest(model, wanted, text)}"
+                        f"{_nearest(model, whole, wanted)}"
                     )
             for child_name, child in chosen:
                 next_names.append(_join(name, child_name))
@@ -88,9 +91,23 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _nearest(model: nn.Module, wanted: str, text: str) -> str:
+def _plain(segment: object) -> str:
+    """A segment as a plain path piece, for matching: wildcards and slices as '0'."""
+    if isinstance(segment, Wildcard):
+        return "0"
+    if isinstance(segment, SliceSel):
+        return str(segment.start or 0)
+    return str(segment)
+
+
+def _nearest(model: nn.Module, whole: str, wanted: str) -> str:
+    """' did you mean ...' naming the real module paths closest to what was written."""
     names = [n for n, _ in model.named_modules() if n]
-    close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(whole, names, n=3, cutoff=0.5)
+    close += [
+        c for c in difflib.get_close_matches(wanted, names, n=3, cutoff=0.5) if c not in close
+    ]
+    close = close[:3]
     if not close:
         # Fall back to siblings of the deepest prefix that exists.
         parent = wanted.rsplit(".", 1)[0] if "." in wanted else ""
