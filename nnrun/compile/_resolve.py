@@ -103,11 +103,11 @@ def _plain(segment: object) -> str:
 def _nearest(model: nn.Module, whole: str, wanted: str) -> str:
     """' did you mean ...' naming the real module paths closest to what was written."""
     names = [n for n, _ in model.named_modules() if n]
-    close = difflib.get_close_matches(whole, names, n=3, cutoff=0.5)
-    close += [
-        c for c in difflib.get_close_matches(wanted, names, n=3, cutoff=0.5) if c not in close
-    ]
-    close = close[:3]
+    # The whole intended path first, then what the failing prefix should have been.
+    close = difflib.get_close_matches(whole, names, n=2, cutoff=0.5)
+    for name in difflib.get_close_matches(wanted, names, n=2, cutoff=0.5):
+        if name not in close:
+            close.append(name)
     if not close:
         # Fall back to siblings of the deepest prefix that exists.
         parent = wanted.rsplit(".", 1)[0] if "." in wanted else ""
