@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable
 from typing import Any
+
+# Prompts of different lengths, so batches are padded as in real use.
+PROMPTS = {
+    "france": "The capital of France is",
+    "germany": "The capital of Germany is",
+    "eiffel": "The Eiffel Tower is in the city of",
+    "hi": "Hi",
+    "story": "Once upon a time, in a small village by the sea, there lived",
+    "math": "Two plus two equals",
+    "code": "def fibonacci(n):",
+    "list": "Apples, bananas, cherries and",
+}
+
+
+def versions() -> str:
+    """One line naming the software and machine a benchmark ran on."""
+    import nnsight
+    import torch
+    import transformers
+
+    import nnrun
+
+    return (
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__}, nnsight {nnsight.__version__}, nnrun {nnrun.__version__}, "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    )
 
 
 def timed(contenders: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:

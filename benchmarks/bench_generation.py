@@ -25,22 +25,17 @@ Not part of the test suite. Needs nnsight==0.8.1 (the `test` extra).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import timed
+from _common import PROMPTS as ALL_PROMPTS
+from _common import timed, versions
 
-PROMPTS = {
-    "france": "The capital of France is",
-    "eiffel": "The Eiffel Tower is in the city of",
-    "hi": "Hi",
-    "story": "Once upon a time, in a small village by the sea, there lived",
-}
+# Four prompts of different lengths (the numbers in README.md were measured on these).
+PROMPTS = {k: ALL_PROMPTS[k] for k in ("france", "eiffel", "hi", "story")}
 SITE = "model.layers[-1].output"
 
 
@@ -64,7 +59,6 @@ def main() -> None:
     n = args.new_tokens
 
     import nnsight
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import nnrun
@@ -79,11 +73,7 @@ def main() -> None:
         f"SmolLM2-135M-Instruct fp32 CPU, batch {len(texts)}, {n} new tokens greedy, "
         f"{args.runs} runs after a warm-up"
     )
-    print(
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-        f"{transformers.__version__}, nnsight {nnsight.__version__}, nnrun {nnrun.__version__}, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
-    )
+    print(versions())
 
     # (a) plain transformers
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -23,26 +23,14 @@ Not part of the test suite. Needs nnsight==0.8.1 (the `test` extra).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import timed
+from _common import PROMPTS, timed, versions
 
-PROMPTS = {
-    "france": "The capital of France is",
-    "germany": "The capital of Germany is",
-    "eiffel": "The Eiffel Tower is in the city of",
-    "hi": "Hi",
-    "story": "Once upon a time, in a small village by the sea, there lived",
-    "math": "Two plus two equals",
-    "code": "def fibonacci(n):",
-    "list": "Apples, bananas, cherries and",
-}
 PATCH_LAYER = 8
 
 
@@ -74,7 +62,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import nnsight
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import nnrun
@@ -89,11 +76,7 @@ def main() -> None:
         f"SmolLM2-135M-Instruct fp32 CPU, one forward of {len(texts)} prompts, every layer "
         f"saved at the last token{', plus a patch' if args.patch else ''}; {args.runs} runs"
     )
-    print(
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-        f"{transformers.__version__}, nnsight {nnsight.__version__}, nnrun {nnrun.__version__}, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
-    )
+    print(versions())
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

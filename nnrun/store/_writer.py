@@ -62,62 +62,22 @@ class OutputWriter:
         self.file.attrs["format"] = FORMAT_VERSION
         self.file.attrs["status"] = "partial"
         self.file.attrs["started_utc"] = _utc_now()
-        prompts = self.file.create_group("prompts")
-        for name, dtype in (("id", STR), ("text", STR), ("length", np.int32)):
-            prompts.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
-        prompts.create_dataset(
-            "input_ids",
-            shape=(0, 1),
-            maxshape=(None, None),
-            dtype=np.int64,
-            chunks=(256, 64),
-            fillvalue=-1,
-        )
-        prompts["input_ids"].attrs["fill_value"] = -1
+        _token_rows_group(self.file, "prompts", ids=True)
         self.file.create_group("saves")
         self.file.create_group("axes")
         return self
 
-    def _write_generation(self, result: BatchResult, first: int) -> None:
-        """Append each prompt's new token ids (padded with -1) and text."""
-        if "generation" not in self.file:
-            group = self.file.create_group("generation")
-            group.create_dataset(
-                "ids",
-                shape=(0, 1),
-                maxshape=(None, None),
-                dtype=np.int64,
-                chunks=(256, 64),
-                fillvalue=-1,
-            )
-            group["ids"].attrs["fill_value"] = -1
-            group.create_dataset("text", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
-            group.create_dataset(
-                "length", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1024,)
-            )
-        group = self.file["generation"]
-        new = result.generated or []
-        r = len(new)
-        width = max(group["ids"].shape[1], max((len(t) for t in new), default=1))
-        group["ids"].resize((first + r, width))
-        block = np.full((r, width), -1, dtype=np.int64)
-        for row, toks in enumerate(new):
-            block[row, : len(toks)] = toks
-        group["ids"][first : first + r] = block
-        for name, values in (
-            ("text", result.generated_text or []),
-            ("length", [len(t) for t in new]),
-        ):
-            group[name].resize((first + r,))
-            group[name][first : first + r] = values
-
     def write(self, result: BatchResult) -> None:
         """Append one micro-batch: its prompts and each save's values."""
         assert self.file is not None
-        first = self.prompt_count
-        self._write_prompts(result)
+        _append_token_rows(
+            self.file["prompts"], result.token_ids, id=result.prompt_ids, text=result.texts
+        )
+        self.prompt_count += len(result.prompt_ids)
         if result.generated is not None:
-            self._write_generation(result, first)
+            # Prompt ids label the rows: /generation rows follow /prompts rows.
+            group = self.file.get("generation") or _token_rows_group(self.file, "generation")
+            _append_token_rows(group, result.generated, text=result.generated_text or [])
         for name, save in result.saves.items():
             layout = self.layouts[name]
             self._append_save(name, layout, save.data, save)
@@ -141,26 +101,6 @@ class OutputWriter:
             os.replace(self.tmp_path, self.path)
 
     # -- pieces --------------------------------------------------------------
-
-    def _write_prompts(self, result: BatchResult) -> None:
-        group = self.file["prompts"]
-        n, r = self.prompt_count, len(result.prompt_ids)
-        lengths = [len(t) for t in result.token_ids]
-        for name, values in (
-            ("id", result.prompt_ids),
-            ("text", result.texts),
-            ("length", lengths),
-        ):
-            group[name].resize((n + r,))
-            group[name][n : n + r] = values
-        ids = group["input_ids"]
-        width = max(ids.shape[1], max(lengths))
-        ids.resize((n + r, width))
-        block = np.full((r, width), -1, dtype=np.int64)
-        for row, toks in enumerate(result.token_ids):
-            block[row, : len(toks)] = toks
-        ids[n : n + r] = block
-        self.prompt_count = n + r
 
     def _append_save(
         self, name: str, layout: SaveLayout, tensor: Any, save: SaveBatch, *, scales: bool = True
@@ -274,6 +214,39 @@ class OutputWriter:
                     if not scale.is_scale:
                         scale.make_scale(axis)
                     ds.dims[i].attach_scale(scale)
+
+
+def _token_rows_group(file: h5py.File, name: str, *, ids: bool = False) -> h5py.Group:
+    """A group of token rows: `input_ids` or `ids` padded with -1, `text`, `length`."""
+    group = file.create_group(name)
+    columns = (("id", STR),) if ids else ()
+    for column, dtype in (*columns, ("text", STR), ("length", np.int32)):
+        group.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+    tokens = group.create_dataset(
+        "input_ids" if ids else "ids",
+        shape=(0, 1),
+        maxshape=(None, None),
+        dtype=np.int64,
+        chunks=(256, 64),
+        fillvalue=-1,
+    )
+    tokens.attrs["fill_value"] = -1
+    return group
+
+
+def _append_token_rows(group: h5py.Group, rows: list[list[int]], **columns: list[Any]) -> None:
+    """Append token rows (widening the padded matrix as needed) and their columns."""
+    tokens = group["input_ids" if "input_ids" in group else "ids"]
+    n, r = tokens.shape[0], len(rows)
+    width = max(tokens.shape[1], max((len(t) for t in rows), default=1))
+    tokens.resize((n + r, width))
+    block = np.full((r, width), -1, dtype=np.int64)
+    for row, toks in enumerate(rows):
+        block[row, : len(toks)] = toks
+    tokens[n : n + r] = block
+    for name, values in {**columns, "length": [len(t) for t in rows]}.items():
+        group[name].resize((n + r,))
+        group[name][n : n + r] = values
 
 
 def _to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
