@@ -146,14 +146,13 @@ def plan(
 
     import torch
 
-    from nnrun.compile import compile_plan, probe_sites, value_shape
+    from nnrun.compile import compile_plan
     from nnrun.engine import count_prompts, make_batch
     from nnrun.engine._apply import apply_steps
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     model = load_model_for(loaded, log)
     compiled = compile_plan(loaded, model.model, model.tokenizer)
-    sites = probe_sites(model.model, tokenizer=model.tokenizer)
     count = count_prompts(compiled.prompts)
     longest = 1
     if compiled.prompts.inline:
@@ -165,10 +164,7 @@ def plan(
     shapes: dict[str, tuple[int, ...]] = {}
     sizes: dict[str, int] = {}
     for layout in compiled.saves:
-        module, port = _site_of(layout.sites[0])
-        probed = sites[(module, port)].shape
-        indices = next(a.indices for s in compiled.sites for a in s.saves if a.name == layout.name)
-        own = value_shape(probed, indices, root=module == "") or ()
+        own = layout.value_shape or ()
         tokens = len(layout.tokens.positions) if layout.tokens.kind == "list" else longest
         sample = torch.zeros((1, 1, *own), dtype=model.model.dtype)
         with torch.inference_mode():
@@ -194,12 +190,6 @@ def load_model_for(loaded: LoadedSpec, log: Callable[[str], None] | None = None)
     from nnrun.models import load_model
 
     return load_model(loaded.data["model"], progress=log)
-
-
-def _site_of(label: str) -> tuple[str, str]:
-    base = label.split("[", 1)[0]
-    module, _, port = base.rpartition(".")
-    return module, port
 
 
 @dataclass

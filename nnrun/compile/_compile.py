@@ -97,6 +97,11 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
                 tokens=tokens,
                 apply=apply,
                 steps=tuple(steps.resolve(max_steps)) if generate else None,
+                value_shape=value_shape(
+                    probed[(sites[0].module, sites[0].port)].shape,
+                    sites[0].indices,
+                    root=sites[0].module == "",
+                ),
             )
         )
 

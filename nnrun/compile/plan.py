@@ -151,6 +151,9 @@ class SaveLayout:
     apply: tuple[ApplyStep, ...]
     # Generation steps on the step axis (None without `generate:`: no step axis).
     steps: tuple[int, ...] | None = None
+    # The value's own axes at the site (after batch and tokens), from the probe
+    # pass, before `apply`; None when the probe could not tell.
+    value_shape: tuple[int, ...] | None = None
 
     @property
     def leading_axes(self) -> tuple[str, ...]:
