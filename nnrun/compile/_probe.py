@@ -40,9 +40,7 @@ def probe_sites(
     for name, module in model.named_modules():
         handles.append(
             module.register_forward_pre_hook(
-                lambda _m, args, kwargs, n=name: record(
-                    (n, "input"), args[0] if args else next(iter(kwargs.values()), None)
-                ),
+                lambda _m, args, kwargs, n=name: record((n, "input"), first_input(args, kwargs)),
                 with_kwargs=True,
             )
         )
@@ -60,6 +58,11 @@ def probe_sites(
         for handle in handles:
             handle.remove()
     return sites
+
+
+def first_input(args: tuple, kwargs: dict) -> Any:
+    """A module call's input port: its first positional argument, else its first keyword one."""
+    return args[0] if args else next(iter(kwargs.values()), None)
 
 
 def shape_of(value: Any) -> Shape:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnrun.compile._probe import model_device
+from nnrun.compile._probe import first_input, model_device
 from nnrun.compile.plan import FileValue, LiteralValue, Plan, SaveAction, SiteActions
 from nnrun.engine._apply import apply_steps
 from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_ids
@@ -250,7 +250,7 @@ class Engine:
                 state.edits,
                 label=site_label,
                 site_key=(actions.site.module, actions.site.port, edit.indices),
-                module_input=_first_input(inputs) if edit.op == "skip" else None,
+                module_input=_tensor_or_none(first_input(*inputs)) if edit.op == "skip" else None,
             )
             if new is not value:
                 container = set_value(container, edit.indices, new, root=root)
@@ -442,10 +442,5 @@ def _assemble(values: list[Any], index: TokenIndex, layered: bool, batch: Batch)
     )
 
 
-def _first_input(inputs: Any) -> torch.Tensor | None:
-    """A module's first positional input (or first keyword argument), if a tensor."""
-    if inputs is None:
-        return None
-    args, kwargs = inputs
-    first = args[0] if args else next(iter(kwargs.values()), None)
-    return first if isinstance(first, torch.Tensor) else None
+def _tensor_or_none(value: Any) -> torch.Tensor | None:
+    return value if isinstance(value, torch.Tensor) else None
