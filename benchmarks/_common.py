@@ -50,3 +50,27 @@ def timed(contenders: dict[str, Callable[[], Any]], runs: int) -> dict[str, list
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def plain_model(path: str, texts: list[str]) -> tuple[Any, Any, dict[str, Any]]:
+    """The model, tokenizer and a left-padded batch, loaded with transformers alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return model, tokenizer, tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def engine_factory(spec: dict[str, Any]) -> Callable[[], Any]:
+    """Load and compile once; each call returns a fresh Engine over that plan."""
+    from nnrun.compile import compile_plan
+    from nnrun.engine import Engine
+    from nnrun.models import load_model
+    from nnrun.spec import check_spec
+
+    loaded = check_spec(spec)
+    model = load_model(loaded.data["model"])
+    plan = compile_plan(loaded, model.model, model.tokenizer)
+    return lambda: Engine(plan, model.model, model.tokenizer)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from _common import PROMPTS as ALL_PROMPTS
-from _common import timed, versions
+from _common import engine_factory, plain_model, timed, versions
 
 # Four prompts of different lengths (the numbers in README.md were measured on these).
 PROMPTS = {k: ALL_PROMPTS[k] for k in ("france", "eiffel", "hi", "story")}
@@ -59,13 +59,9 @@ def main() -> None:
     n = args.new_tokens
 
     import nnsight
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import nnrun
-    from nnrun.compile import compile_plan
-    from nnrun.engine import Engine
-    from nnrun.models import builtin_checkpoint, load_model
-    from nnrun.spec import check_spec
+    from nnrun.models import builtin_checkpoint
 
     path = str(builtin_checkpoint())
     texts = list(PROMPTS.values())
@@ -76,10 +72,7 @@ def main() -> None:
     print(versions())
 
     # (a) plain transformers
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    model, tokenizer, batch = plain_model(path, texts)
 
     def plain() -> list[list[int]]:
         with torch.inference_mode():
@@ -98,12 +91,10 @@ def main() -> None:
         with h5py.File(results.path, "r") as f:
             return f["generation/ids"][()].tolist()
 
-    loaded = check_spec(spec(n))
-    nn_model = load_model(loaded.data["model"])
-    plan = compile_plan(loaded, nn_model.model, nn_model.tokenizer)
+    new_engine = engine_factory(spec(n))
 
     def via_engine() -> list[list[int]]:
-        engine = Engine(plan, nn_model.model, nn_model.tokenizer)
+        engine = new_engine()
         (result,) = list(engine.run())
         assert tuple(result.saves["last"].data.shape[:2]) == (len(texts), n)
         return result.generated

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import PROMPTS, timed, versions
+from _common import PROMPTS, engine_factory, plain_model, timed, versions
 
 PATCH_LAYER = 8
 
@@ -62,13 +62,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import nnsight
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import nnrun
-    from nnrun.compile import compile_plan
-    from nnrun.engine import Engine
-    from nnrun.models import builtin_checkpoint, load_model
-    from nnrun.spec import check_spec
+    from nnrun.models import builtin_checkpoint
 
     path = str(builtin_checkpoint())
     texts = list(PROMPTS.values())
@@ -78,10 +74,7 @@ def main() -> None:
     )
     print(versions())
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    model, tokenizer, batch = plain_model(path, texts)
     batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     layers = model.model.layers
     france, germany = 0, 1
@@ -118,12 +111,10 @@ def main() -> None:
     def via_api() -> torch.Tensor:
         return nnrun.run(spec(args.patch), output=tmp / "bench.h5")["resid"][:, :, 0]
 
-    loaded = check_spec(spec(args.patch))
-    nn_model = load_model(loaded.data["model"])
-    plan = compile_plan(loaded, nn_model.model, nn_model.tokenizer)
+    new_engine = engine_factory(spec(args.patch))
 
     def via_engine() -> torch.Tensor:
-        (result,) = list(Engine(plan, nn_model.model, nn_model.tokenizer).run())
+        (result,) = list(new_engine().run())
         return result.saves["resid"].data[:, :, 0]
 
     oracle = nnsight.TransformersModel(path, task="text-generation", tokenizer=path, dispatch=True)
