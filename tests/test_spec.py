@@ -579,7 +579,8 @@ CASES = [
     ("batch_size: 0\n", "batch_size", "at least 1", 5),
     ("name: a b\n", "name", "may contain only letters", 5),
     ("vars: {1x: 2}\n", 'vars["1x"]', "variable name '1x'", 5),
-    ("sweep: {layer: {range: [0, 3]}}\n", "sweep", "not supported yet", 5),
+    ("sweep: {layer: {range: [3, 3]}}\n", "sweep.layer.range", "range [3, 3] is empty", 5),
+    ("sweep: {layer: []}\n", "sweep.layer", "the list of values is empty", 5),
     ("metric: {}\n", "metric", "unknown key 'metric' in the top level", 5),
 ]
 

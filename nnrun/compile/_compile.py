@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from nnrun.compile._probe import probe_sites, value_shape
+from nnrun.compile._pack import pack_points
+from nnrun.compile._probe import cached_probe, value_shape
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
 from nnrun.compile.plan import (
     ApplyStep,
@@ -16,6 +17,8 @@ from nnrun.compile.plan import (
     FileValue,
     HookSite,
     LiteralValue,
+    MetricAction,
+    MetricLayout,
     Operand,
     Plan,
     PromptSource,
@@ -26,6 +29,7 @@ from nnrun.compile.plan import (
 )
 from nnrun.errors import CompileError
 from nnrun.spec import LoadedSpec, parse_step_selection, parse_token_selection
+from nnrun.spec._constants import METRIC_KINDS
 
 NAMED_OPS = ("softmax", "log_softmax", "argmax", "norm", "mean", "sum", "float")
 EDIT_OPS = ("set", "add", "mul", "zero", "noise", "mean_ablate", "project_out", "clamp", "skip")
@@ -36,14 +40,32 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
     """Turn a validated spec into a Plan for this model.
 
     Sites are ordered by the model's real execution order, found by a
-    two-token probe pass (see `probe_sites`); no prompt is run.
+    two-token probe pass (see `probe_sites`); no prompt is run. A spec with a
+    sweep compiles every point and packs them into one plan (see `pack_points`);
+    the first point that does not compile raises, naming the point.
 
     >>> plan = compile_plan(check_spec("specs/logit-lens.yaml"), model)  # doctest: +SKIP
     >>> [s.site.label for s in plan.sites]                               # doctest: +SKIP
     ['model.layers.0.output', ..., 'output']
     """
-    data = spec.data
-    probed = probe_sites(model, tokenizer=tokenizer)
+    compiled = []
+    for point in spec.points():
+        try:
+            compiled.append((point, compile_point(point.data, model, tokenizer)))
+        except CompileError as e:
+            if not point.label:
+                raise
+            raise CompileError(f"{point.label}: {e}") from None
+    return pack_points(compiled, spec_text=spec.text)
+
+
+def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None) -> Plan:
+    """Compile one resolved spec (a sweep point's, or a spec without a sweep).
+
+    The result names prompts by id; `pack_points` turns one or more of these into
+    the plan the engine runs.
+    """
+    probed = cached_probe(model, tokenizer)
     order = {key: info.rank for key, info in probed.items()}
     saves_at: dict[_SITE_KEY, list[SaveAction]] = defaultdict(list)
     edits_at: dict[_SITE_KEY, list[EditAction]] = defaultdict(list)
@@ -144,6 +166,10 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
                 )
             )
 
+    metric_actions, metric_layouts = _metrics(data, model, tokenizer, probed, bool(generate))
+    if metric_actions:
+        saves_at.setdefault(("", "output"), [])
+        sources += [m.reference for m in metric_actions if m.reference is not None]
     prompt_source = _prompt_source(data["prompts"])
     if sources and prompt_source.inline is None:
         raise CompileError(
@@ -157,6 +183,7 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
             saves=tuple(saves_at.get((m, p), ())),
             edits=tuple(edits_at.get((m, p), ())),
             captures=tuple(sorted(captures_at.get((m, p), ()))),
+            metrics=tuple(metric_actions) if (m, p) == ("", "output") else (),
         )
         for m, p in keys
     )
@@ -169,9 +196,13 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
         prompts=prompt_source,
         sites=sites,
         saves=tuple(layouts),
-        spec_text=spec.text,
+        spec_text="",
         generate=dict(generate) if generate else None,
         source_prompts=tuple(dict.fromkeys(sources)),
+        metrics=tuple(metric_layouts),
+        prompt_ids=None
+        if prompt_source.inline is None
+        else tuple(p for p, _ in prompt_source.inline),
     )
 
 
@@ -266,3 +297,83 @@ def _prompt_source(prompts: Any) -> PromptSource:
             limit=prompts.get("limit"),
         )
     return PromptSource(inline=tuple((str(k), str(v)) for k, v in prompts.items()))
+
+
+def _metrics(
+    data: dict[str, Any], model: nn.Module, tokenizer: Any, probed: Any, generating: bool
+) -> tuple[list[MetricAction], list[MetricLayout]]:
+    """The spec's metrics as actions at the root output and their output layouts."""
+    metrics = data.get("metrics") or {}
+    if not metrics:
+        return [], []
+    root = probed.get(("", "output"))
+    logits = value_shape(root.shape, (), root=True) if root is not None else None
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None or not logits:
+        raise CompileError(
+            f"metrics read next-token logits, but {type(model).__name__} "
+            f"(model.class: {data.get('model', {}).get('class')}) gives none (its output is "
+            f"hidden states); load a class with a head, e.g. model.class: "
+            f"AutoModelForCausalLM or AutoModelForMaskedLM"
+        )
+    vocab = logits[-1]
+    actions, layouts = [], []
+    for name, metric in metrics.items():
+        path = f"metrics.{name}"
+        kind = next(k for k in METRIC_KINDS if k in metric)
+        if kind == "kl":
+            token_ids: tuple[int, ...] = ()
+        elif kind == "logit_diff":
+            token_ids = tuple(
+                _token_id(tokenizer, t, vocab, f"{path}.logit_diff[{i}]")
+                for i, t in enumerate(metric[kind])
+            )
+        else:
+            token_ids = (_token_id(tokenizer, metric[kind], vocab, f"{path}.{kind}"),)
+        position = int(metric.get("token", -1))
+        step = int(metric.get("step", 0))
+        if step > 0 and position != -1:
+            raise CompileError(
+                f"{path}.token: at generation step {step} the model reads only the newest "
+                f"token, so a metric there needs token: -1 (got {position})"
+            )
+        prompts = _prompt_ids(metric.get("prompts", "all"))
+        actions.append(
+            MetricAction(
+                key=name,
+                kind=kind,
+                token_ids=token_ids,
+                prompts=_frozen(prompts),
+                tokens=parse_token_selection(position),
+                step=step,
+                reference=str(metric["kl"]) if kind == "kl" else None,
+            )
+        )
+        layouts.append(
+            MetricLayout(
+                name=name,
+                kind=kind,
+                prompts=prompts,
+                key=name,
+                dtype="int64" if kind == "rank" else "float32",
+            )
+        )
+    return actions, layouts
+
+
+def _token_id(tokenizer: Any, token: Any, vocab: int, path: str) -> int:
+    """A metric's token: an id, or a string that must encode to exactly one token."""
+    if isinstance(token, int) and not isinstance(token, bool):
+        if not 0 <= token < vocab:
+            raise CompileError(
+                f"{path}: token id {token} is outside the vocabulary (0..{vocab - 1})"
+            )
+        return token
+    ids = tokenizer.encode(str(token), add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise CompileError(
+            f"{path}: {token!r} is {len(ids)} tokens: {pieces!r}; a metric needs exactly one "
+            f"token (try one of these pieces, or give a token id)"
+        )
+    return int(ids[0])

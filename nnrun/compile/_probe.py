@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,18 @@ def probe_sites(
         for handle in handles:
             handle.remove()
     return sites
+
+
+_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], SiteInfo]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cached_probe(model: nn.Module, tokenizer: Any = None) -> dict[tuple[str, str], SiteInfo]:
+    """`probe_sites` once per loaded model: every point of a sweep shares its answer."""
+    if model not in _PROBED:
+        _PROBED[model] = probe_sites(model, tokenizer=tokenizer)
+    return _PROBED[model]
 
 
 def first_input(args: tuple, kwargs: dict) -> Any:

@@ -3,9 +3,12 @@
 A Plan is built by `compile_plan` from a validated spec and a model's module
 tree. It can be printed and tested without running a forward pass.
 
-Row model: one batch row is one prompt. Everything that acts on rows (saves,
-edits) names prompts by id, never by batch index, so micro-batching and (later)
-extra rows for sweep points or source passes do not change the plan.
+Row model: one batch row (`PromptRow`) is one prompt as one or more sweep points
+run it. Everything that acts on rows (saves, edits, metrics) names rows by key, never
+by batch index, so micro-batching and extra source rows do not change the plan. A
+row whose computation is the same at every point (the clean prompt of a patching
+sweep) is one row shared by all of them; its key is the prompt id. Without a sweep
+every row is shared and row keys are prompt ids.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Any
 from nnrun.spec import StepSelection, TokenSelection
 
 ALL_PROMPTS = None  # a selection of prompts that is "every prompt in the run"
+
+# row key -> ((point index, prompt slot), ...): where a row's values are written.
+Targets = tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -58,11 +64,31 @@ class SaveAction:
     name: str
     layer: int  # index along the save's layer axis (0 without a wildcard)
     indices: tuple[int, ...]  # tuple indices after the port: output[0] -> (0,)
-    prompts: frozenset[str] | None  # None = every prompt
+    prompts: frozenset[str] | None  # row keys; None = every row
     tokens: TokenSelection
     steps: StepSelection
     apply: tuple[ApplyStep, ...]
     before_edits: bool
+    # The variant of the save this action feeds (see SaveLayout.key); sweep points whose
+    # save reads another site or token are variants of one dataset.
+    key: str = ""
+
+    @property
+    def variant(self) -> str:
+        return self.key or self.name
+
+
+@dataclass(frozen=True)
+class MetricAction:
+    """Compute one number per selected row from the final logits (at the root output)."""
+
+    key: str  # the metric variant (see MetricLayout.key)
+    kind: str  # prob | logprob | logit | rank | logit_diff | kl
+    token_ids: tuple[int, ...]  # the vocabulary ids it reads (two for logit_diff)
+    prompts: frozenset[str] | None  # row keys; None = every row
+    tokens: TokenSelection  # one position, in each row's own tokens
+    step: int  # the generation step it reads (0: the prompt pass)
+    reference: str | None = None  # kl: the row key of the reference distribution
 
 
 @dataclass(frozen=True)
@@ -76,7 +102,7 @@ class LiteralValue:
 class PromptValue:
     """Another prompt's activation in the same run: `{from: clean, at: ..., tokens: ...}`."""
 
-    prompt: str
+    prompt: str  # the row key of the source
     module: str
     port: str
     indices: tuple[int, ...]
@@ -108,7 +134,7 @@ class EditAction:
     params: dict[str, Any]  # std (noise), over (mean_ablate), min/max (clamp)
     alpha: float
     indices: tuple[int, ...]
-    prompts: frozenset[str] | None
+    prompts: frozenset[str] | None  # row keys; None = every row
     tokens: TokenSelection
     steps: StepSelection
     # The value's own axes at the site (after batch and tokens), from the probe
@@ -130,6 +156,8 @@ class SiteActions:
     # Tuple indices whose whole value is kept for the batch, because an edit at a
     # later site reads another prompt's value here.
     captures: tuple[tuple[int, ...], ...] = ()
+    # Only at the root output, after its edits: metrics read the final logits.
+    metrics: tuple[MetricAction, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,16 @@ class SaveLayout:
     # The value's own axes at the site (after batch and tokens), from the probe
     # pass, before `apply`; None when the probe could not tell.
     value_shape: tuple[int, ...] | None = None
+    # The variant this layout describes: the save name when every point saves the
+    # same thing, else `name#i` (SaveAction.key matches it).
+    key: str = ""
+    # Where each row's values land: row key -> ((point index, prompt slot), ...).
+    # None: rows are appended in run order (prompts streamed from a file).
+    targets: Targets | None = None
+
+    @property
+    def variant(self) -> str:
+        return self.key or self.name
 
     @property
     def leading_axes(self) -> tuple[str, ...]:
@@ -163,6 +201,45 @@ class SaveLayout:
     @property
     def token_axis(self) -> int:
         return len(self.leading_axes) - 1
+
+
+@dataclass(frozen=True)
+class MetricLayout:
+    """How one metric lands in the output file: /metrics/<name>, axes (sweep..., prompt)."""
+
+    name: str
+    kind: str
+    prompts: tuple[str, ...] | None  # the prompt ids on its prompt axis (None: all, in run order)
+    key: str = ""  # the variant (MetricAction.key), as for SaveLayout
+    targets: Targets | None = None
+    dtype: str = "float32"  # int64 for rank
+
+    @property
+    def variant(self) -> str:
+        return self.key or self.name
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One batch row: a prompt's text as one or more sweep points run it."""
+
+    key: str  # unique in the plan; the prompt id when the row serves every point
+    prompt: str  # the prompt id
+    text: str
+    # Rows this row's edits and metrics read (`from:`, mean_ablate over, kl): every
+    # micro-batch that holds this row holds them too.
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PointInfo:
+    """One sweep point as the plan runs it (a run without a sweep has one, index 0)."""
+
+    index: int  # flat index into the sweep's grid
+    coords: tuple[int, ...]
+    label: str  # "layer=3, pos=2"; "" without a sweep
+    rows: tuple[tuple[str, str], ...]  # (prompt id, row key) for each of its prompts
+    spec_sha256: str = ""  # hash of the point's resolved spec (resume matches on it)
 
 
 @dataclass(frozen=True)
@@ -191,11 +268,17 @@ class Plan:
     spec_text: str
     # Arguments for `model.generate` (None: one forward pass per batch).
     generate: dict[str, Any] | None = None
-    # Prompts whose values other prompts' edits read (`from:`, `mean_ablate.over`):
-    # every micro-batch carries them as extra rows.
+    # Rows whose values other rows' edits read (`from:`, `mean_ablate.over`, kl).
     source_prompts: tuple[str, ...] = ()
     passes: int = 1
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    metrics: tuple[MetricLayout, ...] = ()
+    # The batch rows in run order; None when prompts stream from a file (then each
+    # prompt is one row, keyed by its id).
+    rows: tuple[PromptRow, ...] | None = None
+    points: tuple[PointInfo, ...] = ()
+    # The prompt ids in spec order (the prompt axis of /prompts); None for a file.
+    prompt_ids: tuple[str, ...] | None = None
 
     @property
     def modules(self) -> tuple[str, ...]:

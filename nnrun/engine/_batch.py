@@ -34,6 +34,13 @@ class Batch:
     # Rows carried only because other rows' edits read them (`from:`): they are
     # edited like any row but never saved or written as prompts of this batch.
     aux: list[bool]
+    # The prompt id of each row (`ids` are row keys: a sweep's rows of one prompt
+    # differ); noise is seeded by prompt id so that it does not depend on packing.
+    prompts: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompts is None:
+            self.prompts = list(self.ids)
 
     @property
     def size(self) -> int:
@@ -104,12 +111,15 @@ def make_batch(
     *,
     left_pad: bool,
     aux: list[bool] | None = None,
+    prompt_ids: list[str] | None = None,
 ) -> Batch:
     """Tokenize and pad prompts into one batch.
 
     Left padding (used whenever the model takes position ids) keeps every
     prompt's last token in the last column, which generation needs; explicit
     position ids then make padded rows compute exactly what they would alone.
+    `prompts` pairs are (row key, text); `prompt_ids` gives each row's prompt id
+    when row keys differ from them (sweep points).
     """
     ids = [p for p, _ in prompts]
     texts = [t for _, t in prompts]
@@ -139,4 +149,5 @@ def make_batch(
         lengths=torch.tensor(lengths, device=device),
         offsets=torch.tensor(offsets, device=device),
         aux=aux or [False] * len(ids),
+        prompts=prompt_ids,
     )

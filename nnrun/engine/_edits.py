@@ -272,7 +272,7 @@ def _noise(
     """
     noise = torch.zeros(selected.shape, dtype=torch.float32, device=selected.device)
     for i, (row, count) in enumerate(zip(index.rows.tolist(), index.counts.tolist())):
-        key = f"{ctx.seed}/{edit.index}/{ctx.batch.ids[row]}/{label}/{ctx.step}"
+        key = f"{ctx.seed}/{edit.index}/{ctx.batch.prompts[row]}/{label}/{ctx.step}"
         seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
         generator = torch.Generator(device=selected.device).manual_seed(seed)
         noise[i, index.valid[i]] = torch.randn(

@@ -13,10 +13,19 @@ import torch
 from torch import nn
 
 from nnrun.compile._probe import first_input, model_device
-from nnrun.compile.plan import FileValue, LiteralValue, Plan, SaveAction, SiteActions
+from nnrun.compile.plan import (
+    FileValue,
+    LiteralValue,
+    MetricAction,
+    Plan,
+    PromptRow,
+    SaveAction,
+    SiteActions,
+)
 from nnrun.engine._apply import apply_steps
 from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_ids
 from nnrun.engine._edits import EditContext, OperandCache, apply_edit, check_operand_shape
+from nnrun.engine._metrics import compute_metric
 from nnrun.engine._ports import get_value, set_value
 from nnrun.engine._select import TokenIndex, token_index
 from nnrun.errors import RunError
@@ -25,17 +34,29 @@ from nnrun.spec import StepSelection
 
 @dataclass
 class SaveBatch:
-    """One save's values for the prompts of one micro-batch, on the host."""
+    """One save's values for the rows of one micro-batch, on the host."""
 
     data: torch.Tensor  # (R, [layer], token, *value axes); ragged tokens filled
-    prompt_ids: list[str]
+    prompt_ids: list[str]  # the row key of each of the R rows (the prompt id without a sweep)
     counts: torch.Tensor | None  # (R,) real tokens per prompt when ragged, else None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. topk indices
 
 
 @dataclass
+class MetricBatch:
+    """One metric's values for the rows of one micro-batch, on the host."""
+
+    data: torch.Tensor  # (R,)
+    rows: list[str]  # row keys
+
+
+@dataclass
 class BatchResult:
-    """What one micro-batch produced: its prompts and every save's values."""
+    """What one micro-batch produced: its rows, every save's and metric's values.
+
+    `saves` and `metrics` are keyed by variant (SaveLayout.variant); without a sweep
+    that is the save's name.
+    """
 
     prompt_ids: list[str]
     texts: list[str]
@@ -43,6 +64,8 @@ class BatchResult:
     saves: dict[str, SaveBatch]
     generated: list[list[int]] | None = None  # new token ids per prompt (up to EOS)
     generated_text: list[str] | None = None
+    rows: list[str] = field(default_factory=list)  # row keys (= prompt_ids without a sweep)
+    metrics: dict[str, MetricBatch] = field(default_factory=dict)
 
 
 class _BatchState:
@@ -51,9 +74,13 @@ class _BatchState:
     def __init__(self, batch: Batch, edits: EditContext) -> None:
         self.batch = batch
         self.edits = edits
-        # save name -> (layer, step) -> (values, token index) kept on the device
+        # save variant -> (layer, step) -> (values, token index) kept on the device
         # until the batch ends, so the host copy is one transfer per save.
         self.collected: dict[str, dict[tuple[int, int], tuple[Any, TokenIndex]]] = {}
+        # metric variant -> (values (R,), row indices (R,)) on the device
+        self.metrics: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # ids of the actions that select a row of this batch (the others are skipped)
+        self.active: set[int] = set()
 
     @property
     def step(self) -> int:
@@ -88,8 +115,8 @@ class Engine:
         self._max_steps = int(plan.generate["max_new_tokens"]) if plan.generate else 1
         self.operands = OperandCache()
         self._state: _BatchState | None = None
-        inline = dict(plan.prompts.inline or ())
-        self._sources = [(p, inline[p]) for p in plan.source_prompts]
+        self._rows = _plan_rows(plan)
+        self._by_row, self._always = _actions_by_row(plan)
 
     def preflight(self) -> None:
         """Check what can be checked before any forward pass or output file.
@@ -100,9 +127,15 @@ class Engine:
         shapes the compile-time probe saw.
         """
         batch = None
-        if self.plan.prompts.inline is not None:
-            inline = list(self.plan.prompts.inline)
-            batch = make_batch(inline, self.tokenizer, torch.device("cpu"), left_pad=self.left_pad)
+        if self._rows is not None:
+            rows = list(self._rows.values())
+            batch = make_batch(
+                [(r.key, r.text) for r in rows],
+                self.tokenizer,
+                torch.device("cpu"),
+                left_pad=self.left_pad,
+                prompt_ids=[r.prompt for r in rows],
+            )
         for actions in self.plan.sites:
             for save in actions.saves:
                 if batch is not None:
@@ -116,25 +149,40 @@ class Engine:
                     selected = None if index is None else tuple(index.columns.shape)
                     check_operand_shape(edit, tuple(operand.shape), actions.site.label, selected)
 
-    def run(self) -> Iterator[BatchResult]:
-        """Yield one BatchResult per micro-batch; hooks are removed afterwards."""
+    def run(self, rows: list[str] | None = None) -> Iterator[BatchResult]:
+        """Yield one BatchResult per micro-batch; hooks are removed afterwards.
+
+        `rows` restricts the run to those row keys (in plan order); by default every
+        row of the plan runs (or every prompt of the prompt file).
+        """
         torch.manual_seed(self.plan.seed)
-        prompts = iter_prompts(self.plan.prompts)
+        if self._rows is None:
+            source: Iterator[PromptRow] = (
+                PromptRow(key, key, text) for key, text in iter_prompts(self.plan.prompts)
+            )
+        else:
+            wanted = None if rows is None else set(rows)
+            source = iter(r for r in self._rows.values() if wanted is None or r.key in wanted)
         with self._hooks():
-            while chunk := list(islice(prompts, self.plan.batch_size)):
+            while chunk := list(islice(source, self.plan.batch_size)):
                 yield self._run_batch(chunk)
 
-    def _run_batch(self, chunk: list[tuple[str, str]]) -> BatchResult:
-        present = {p for p, _ in chunk}
-        extra = [s for s in self._sources if s[0] not in present]
+    def _run_batch(self, chunk: list[PromptRow]) -> BatchResult:
+        extra = self._source_rows(chunk)
+        rows = chunk + extra
         batch = make_batch(
-            chunk + extra,
+            [(r.key, r.text) for r in rows],
             self.tokenizer,
             self.device,
             left_pad=self.left_pad,
             aux=[False] * len(chunk) + [True] * len(extra),
+            prompt_ids=[r.prompt for r in rows],
         )
-        self._state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed))
+        state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed))
+        state.active = set(self._always)
+        for key in batch.ids:
+            state.active.update(self._by_row.get(key, ()))
+        self._state = state
         generated = None
         try:
             with torch.inference_mode():
@@ -143,11 +191,12 @@ class Engine:
                 else:
                     generated = self._generate(batch)
             saves = self._gather(batch, generated)
+            metrics = self._gather_metrics(batch, generated)
         finally:
             self._state = None
         n = len(chunk)  # the auxiliary source rows come last and are not results
         return BatchResult(
-            prompt_ids=batch.ids[:n],
+            prompt_ids=[r.prompt for r in chunk],
             texts=batch.texts[:n],
             token_ids=batch.token_ids[:n],
             saves=saves,
@@ -155,7 +204,26 @@ class Engine:
             generated_text=None
             if generated is None
             else [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated[:n]],
+            rows=batch.ids[:n],
+            metrics=metrics,
         )
+
+    def _source_rows(self, chunk: list[PromptRow]) -> list[PromptRow]:
+        """Rows the chunk's edits read that are not in it (and what those read, in turn)."""
+        if self._rows is None:
+            return []
+        present = {r.key for r in chunk}
+        extra: list[PromptRow] = []
+        todo = [s for r in chunk for s in r.sources]
+        while todo:
+            key = todo.pop(0)
+            if key in present:
+                continue
+            present.add(key)
+            row = self._rows[key]
+            extra.append(row)
+            todo += row.sources
+        return extra
 
     def _generate(self, batch: Batch) -> list[list[int]]:
         """Run `model.generate` on the batch; each row's new tokens up to its EOS."""
@@ -235,12 +303,14 @@ class Engine:
         if state is None:  # the module ran outside a planned forward (e.g. ad hoc)
             return None
         label = actions.site.label
-        for save in actions.saves:
+        active = state.active
+        saves = [s for s in actions.saves if id(s) in active]
+        for save in saves:
             if save.before_edits:
                 self._save(state, save, container, root=root, label=label)
         changed = False
         for edit in actions.edits:
-            if not _in_steps(edit.steps, state.step, self._max_steps):
+            if id(edit) not in active or not _in_steps(edit.steps, state.step, self._max_steps):
                 continue
             site_label = label + "".join(f"[{i}]" for i in edit.indices)
             value = get_value(container, edit.indices, root=root, label=site_label)
@@ -258,10 +328,35 @@ class Engine:
         for indices in actions.captures:
             key = (actions.site.module, actions.site.port, indices)
             state.edits.captured[key] = get_value(container, indices, root=root, label=label)
-        for save in actions.saves:
+        for save in saves:
             if not save.before_edits:
                 self._save(state, save, container, root=root, label=label)
+        for metric in actions.metrics:
+            if id(metric) in active and metric.step == state.step:
+                self._metric(state, metric, container, root=root, label=label)
         return container if changed else None
+
+    def _metric(
+        self, state: _BatchState, metric: MetricAction, container: Any, *, root: bool, label: str
+    ) -> None:
+        what = f"metric '{metric.key}'"
+        index = state.index_for(metric.prompts, metric.tokens, what)
+        if index is None:
+            return
+        logits = get_value(container, (), root=root, label=label)  # (B, T, V)
+        index = index.fit(logits.shape[1], state.edits.width, f"{what} at {label}")
+        picked = logits[index.rows, index.columns[:, 0]]  # (R, V)
+        reference = None
+        if metric.reference is not None:
+            found = state.edits.index(
+                frozenset([metric.reference]), metric.tokens, f"{what} reference"
+            )
+            if found is None:
+                raise RunError(f"{what}: reference row '{metric.reference}' is not in the batch")
+            found = found.fit(logits.shape[1], state.edits.width, f"{what} at {label}")
+            reference = logits[found.rows[:1], found.columns[:1, 0]]  # (1, V)
+        values = compute_metric(metric.kind, picked, metric.token_ids, reference)  # (R,)
+        state.metrics.setdefault(metric.key, []).append((values, index.rows))
 
     def _save(
         self, state: _BatchState, save: SaveAction, container: Any, *, root: bool, label: str
@@ -288,7 +383,7 @@ class Engine:
         picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
         picked = apply_steps(save.apply, picked, self.modules)
         step = state.step if wanted else -1
-        state.collected.setdefault(save.name, {})[(save.layer, step)] = (picked, index)
+        state.collected.setdefault(save.variant, {})[(save.layer, step)] = (picked, index)
 
     # -- results -------------------------------------------------------------
 
@@ -298,13 +393,11 @@ class Engine:
         assert state is not None
         out: dict[str, SaveBatch] = {}
         for layout in self.plan.saves:
-            entries = state.collected.get(layout.name, {})
+            entries = state.collected.get(layout.variant, {})
             if not entries:
                 state.edits.step = 0
                 selected = state.index_for(
-                    None if layout.prompts is None else frozenset(layout.prompts),
-                    layout.tokens,
-                    f"save '{layout.name}'",
+                    _layout_rows(layout), layout.tokens, f"save '{layout.name}'"
                 )
                 if selected is None:
                     continue  # no prompt of this batch is in the save
@@ -324,13 +417,34 @@ class Engine:
                 return _assemble(values, entries[(0, step)][1], layout.layered, batch)
 
             if layout.steps is None:
-                out[layout.name] = _to_host(assembled(0))
+                out[layout.variant] = _to_host(assembled(0))
                 continue
             # None: every row had stopped before this step, so it never ran.
             per_step = [assembled(s) if (0, s) in entries else None for s in layout.steps]
             sample = assembled(first) if all(p is None for p in per_step) else None
             stacked = _stack_steps(per_step, layout, batch, generated, sample)
-            out[layout.name] = _to_host(stacked)
+            out[layout.variant] = _to_host(stacked)
+        return out
+
+    def _gather_metrics(
+        self, batch: Batch, generated: list[list[int]] | None
+    ) -> dict[str, MetricBatch]:
+        """Each metric's values with their row keys, on the host (NaN after a row's end)."""
+        state = self._state
+        assert state is not None
+        out: dict[str, MetricBatch] = {}
+        steps = {m.key: m.step for actions in self.plan.sites for m in actions.metrics}
+        for key, parts in state.metrics.items():
+            values = torch.cat([v for v, _ in parts])  # (R,)
+            rows = torch.cat([r for _, r in parts]).tolist()
+            if generated is not None and steps[key] > 0:
+                # step k reads the k-th new token: rows that stopped before it have none
+                alive = torch.tensor(
+                    [len(generated[r]) >= steps[key] for r in rows], device=values.device
+                )
+                fill = float("nan") if values.is_floating_point() else -1
+                values = torch.where(alive, values, torch.full_like(values, fill))
+            out[key] = MetricBatch(data=values.to("cpu"), rows=[batch.ids[r] for r in rows])
         return out
 
 
@@ -444,3 +558,41 @@ def _assemble(values: list[Any], index: TokenIndex, layered: bool, batch: Batch)
 
 def _tensor_or_none(value: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _plan_rows(plan: Plan) -> dict[str, PromptRow] | None:
+    """The plan's rows by key (None when prompts stream from a file)."""
+    if plan.rows is not None:
+        return {row.key: row for row in plan.rows}
+    if plan.prompts.inline is not None:  # a plan built by hand, not by compile
+        sources = tuple(plan.source_prompts)
+        return {
+            key: PromptRow(key, key, text, tuple(s for s in sources if s != key))
+            for key, text in plan.prompts.inline
+        }
+    return None
+
+
+def _actions_by_row(plan: Plan) -> tuple[dict[str, set[int]], set[int]]:
+    """Row key -> ids of the actions that select it; and the ids of actions on every row.
+
+    A batch then touches only the actions of its own rows: a sweep of thousands of
+    points puts thousands of edits on a site, but each batch runs a handful.
+    """
+    by_row: dict[str, set[int]] = {}
+    always: set[int] = set()
+    for actions in plan.sites:
+        for action in (*actions.saves, *actions.edits, *actions.metrics):
+            if action.prompts is None:
+                always.add(id(action))
+                continue
+            for row in action.prompts:
+                by_row.setdefault(row, set()).add(id(action))
+    return by_row, always
+
+
+def _layout_rows(layout: Any) -> frozenset[str] | None:
+    """The row keys a save variant writes (None: every row)."""
+    if layout.targets is not None:
+        return frozenset(row for row, _ in layout.targets)
+    return None if layout.prompts is None else frozenset(layout.prompts)

@@ -13,6 +13,7 @@ from ._location import Location, SliceSel, Wildcard, parse_location
 from ._paths import format_path, parse_path
 from ._schema import load_schema, schema_path
 from ._select import StepSelection, TokenSelection, parse_step_selection, parse_token_selection
+from ._sweep import Sweep, SweepAxis, SweepPoint, point_label
 from ._validate import check_spec, validate_spec
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "SpecError",
     "SpecIssue",
     "StepSelection",
+    "Sweep",
+    "SweepAxis",
+    "SweepPoint",
     "TokenSelection",
     "Wildcard",
     "check_spec",
@@ -33,6 +37,7 @@ __all__ = [
     "parse_path",
     "parse_step_selection",
     "parse_token_selection",
+    "point_label",
     "schema_path",
     "validate_spec",
 ]

@@ -16,12 +16,15 @@ TOP_LEVEL_KEYS = (
     "prompts",
     "save",
     "edits",
+    "metrics",
     "generate",
+    "sweep",
+    "sweep_mode",
 )
 
 # Top-level keys of the product design that this version does not implement yet; they get
 # a "not supported yet" message instead of a did-you-mean guess.
-FUTURE_TOP_LEVEL_KEYS = ("metrics", "sweep", "include", "includes")
+FUTURE_TOP_LEVEL_KEYS = ("include", "includes", "backward")
 
 # Top-level scalars usable as ${...} variables besides those declared under vars:.
 SCALAR_VARIABLES = ("name", "seed", "batch_size")
@@ -42,3 +45,10 @@ DEFAULT_NAME = "experiment"
 DEFAULT_SEED = 0
 DEFAULT_BATCH_SIZE = 8
 PROMPT_FILE_DEFAULTS = {"field": "text", "id_field": None, "limit": None}
+
+METRIC_KINDS = ("prob", "logprob", "logit", "rank", "logit_diff", "kl")
+
+# A sweep bigger than this runs only when asked (`nnrun run --yes`); validation refuses
+# to expand anything beyond MAX_SWEEP_POINTS at all.
+CONFIRM_SWEEP_POINTS = 10_000
+MAX_SWEEP_POINTS = 1_000_000

@@ -73,6 +73,14 @@ def fill_defaults(data: dict[str, Any], stem: str | None) -> None:
                 save.setdefault("apply", [])
                 save.setdefault("before_edits", False)
 
+    metrics = data.get("metrics")
+    if isinstance(metrics, dict):
+        for metric in metrics.values():
+            if isinstance(metric, dict):
+                metric.setdefault("prompts", "all")
+                metric.setdefault("token", -1)
+                metric.setdefault("step", 0)
+
     edits = data.get("edits")
     if isinstance(edits, list):
         for edit in edits:

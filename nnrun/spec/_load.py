@@ -14,7 +14,8 @@ from ._defaults import default_name, fill_defaults, normalise_prompts
 from ._issues import SpecError, SpecIssue
 from ._overrides import apply_overrides
 from ._parse import dump_yaml, parse_json, parse_yaml
-from ._substitute import substitute
+from ._substitute import referenced_names, substitute
+from ._sweep import Sweep, SweepPoint, parse_sweep
 
 
 @dataclass
@@ -26,6 +27,10 @@ class LoadedSpec:
     maps spec paths (``save.resid.tokens[0]``) to 1-based lines in that file.
     ``load_issues`` holds problems found while loading (undefined variables, ...) that
     :func:`validate_spec` reports; ``overridden`` maps paths set by ``-s`` to the override.
+
+    A spec with ``sweep:`` is a template: in ``data`` and ``text`` the sweep variables
+    are left as ``${name}``, and :meth:`points` gives each point's complete spec.
+    ``warnings`` are problems that do not stop a run (a sweep variable used nowhere).
     """
 
     data: dict[str, Any]
@@ -34,6 +39,24 @@ class LoadedSpec:
     lines: dict[str, int]
     load_issues: list[SpecIssue] = field(default_factory=list, repr=False)
     overridden: dict[str, str] = field(default_factory=dict, repr=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # before substitution
+    sweep: Sweep | None = None
+    warnings: list[SpecIssue] = field(default_factory=list, repr=False)
+    deferred: frozenset[str] = frozenset()  # the sweep's variable names
+    _points: list[SweepPoint] | None = field(default=None, repr=False)
+
+    def points(self) -> list[SweepPoint]:
+        """Every point's complete spec (one point, index 0, for a spec without a sweep)."""
+        if self._points is None:
+            if self.sweep is None:
+                self._points = [SweepPoint(0, (), {}, self.data)]
+            else:
+                stem = self.source.stem if self.source is not None else None
+                self._points = [
+                    SweepPoint(i, self.sweep.coords(i), values, _point_data(self.raw, values, stem))
+                    for i, values in ((i, self.sweep.values(i)) for i in range(len(self.sweep)))
+                ]
+        return self._points
 
 
 # Inline spec text rather than a file name: several lines, a JSON object, or `nnrun: ...`.
@@ -83,6 +106,51 @@ def _drop_overridden_lines(lines: dict[str, int], overridden: Mapping[str, str])
             del lines[key]
 
 
+def _resolve(
+    raw: dict[str, Any],
+    stem: str | None,
+    lines: dict[str, int],
+    *,
+    extra: dict[str, Any] | None = None,
+    deferred: frozenset[str] = frozenset(),
+) -> tuple[dict[str, Any], list[SpecIssue]]:
+    """Substitute variables and fill defaults: the spec as it will run."""
+    data, issues = substitute(
+        copy.deepcopy(raw), default_name(stem), extra=extra, deferred=deferred
+    )
+    normalise_prompts(data, lines)
+    fill_defaults(data, stem)
+    # Canonical key order makes the stored spec text easy to read and to compare.
+    order = {key: i for i, key in enumerate(TOP_LEVEL_KEYS)}
+    return dict(sorted(data.items(), key=lambda kv: order.get(kv[0], len(order)))), issues
+
+
+def _point_data(raw: dict[str, Any], values: dict[str, Any], stem: str | None) -> dict[str, Any]:
+    """One sweep point's spec: running it alone gives that point's results."""
+    point = {k: v for k, v in raw.items() if k not in ("sweep", "sweep_mode")}
+    data, _ = _resolve(point, stem, {}, extra=values)
+    declared = data.get("vars") if isinstance(data.get("vars"), dict) else {}
+    data["vars"] = {**declared, **values}
+    return data
+
+
+def _unused_sweep_variables(
+    raw: dict[str, Any], sweep: Sweep, shown: str | None
+) -> list[SpecIssue]:
+    used = referenced_names({k: v for k, v in raw.items() if k != "sweep"})
+    return [
+        SpecIssue(
+            f"sweep.{name}",
+            f"sweep variable {name!r} is used nowhere (no ${{{name}}} in the spec), "
+            "so its points are all the same",
+            None,
+            shown,
+        )
+        for name in sweep.names
+        if name not in used
+    ]
+
+
 def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> LoadedSpec:
     """Load a spec from a file path, inline YAML/JSON text or a dict.
 
@@ -118,11 +186,20 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
     overridden = apply_overrides(data, overrides)
     _drop_overridden_lines(lines, overridden)
     stem = path.stem if path is not None else None
-    data, issues = substitute(data, default_name(stem))
-    normalise_prompts(data, lines)
-    fill_defaults(data, stem)
-    # Canonical key order makes the stored spec text easy to read and to compare.
-    order = {key: i for i, key in enumerate(TOP_LEVEL_KEYS)}
-    data = dict(sorted(data.items(), key=lambda kv: order.get(kv[0], len(order))))
+    raw = copy.deepcopy(data)
+    sweep, sweep_issues = parse_sweep(raw)
+    # Sweep variables stay `${name}` in the template even when the sweep itself is broken,
+    # so that its problems are reported once, at sweep:, not at every use.
+    declared = raw.get("sweep")
+    deferred = (
+        frozenset(k for k in declared if isinstance(k, str))
+        if isinstance(declared, dict)
+        else frozenset()
+    )
+    data, issues = _resolve(raw, stem, lines, deferred=deferred)
+    issues += [SpecIssue(p, m) for p, m in sweep_issues]
     issues = [SpecIssue(i.path, i.message, i.line, shown) for i in issues]
-    return LoadedSpec(data, dump_yaml(data), path, lines, issues, overridden)
+    warnings = _unused_sweep_variables(raw, sweep, shown) if sweep is not None else []
+    return LoadedSpec(
+        data, dump_yaml(data), path, lines, issues, overridden, raw, sweep, warnings, deferred
+    )

@@ -46,14 +46,16 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             raise _fail(override, f"bad key path ({exc})") from None
         value = _parse_value(override, raw)
         declared = data.get("vars")
-        if (
-            isinstance(parts[0], str)
-            and parts[0] not in TOP_LEVEL_KEYS
-            and isinstance(declared, dict)
-            and parts[0] in declared
-        ):
-            # `-s layer=5` sets the declared variable vars.layer.
-            parts = ["vars", *parts]
+        swept = data.get("sweep")
+        if isinstance(parts[0], str) and parts[0] not in TOP_LEVEL_KEYS:
+            if isinstance(declared, dict) and parts[0] in declared:
+                # `-s layer=5` sets the declared variable vars.layer.
+                parts = ["vars", *parts]
+            elif isinstance(swept, dict) and parts[0] in swept and len(parts) == 1:
+                # `-s layer=5` on a sweep variable runs that one value; a list runs those.
+                parts = ["sweep", *parts]
+                if not isinstance(value, list | dict):
+                    value = [value]
         if not isinstance(parts[0], str):
             raise _fail(override, "the key must start with a name, not an index")
         _set(data, parts, value, override)

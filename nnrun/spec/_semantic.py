@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._constants import EDIT_OPS, MODEL_SOURCES, VALUE_OPS
+from ._constants import EDIT_OPS, METRIC_KINDS, MODEL_SOURCES, VALUE_OPS
 from ._location import parse_location
 from ._messages import did_you_mean, one_of_words, show
 from ._paths import join_path
@@ -242,6 +242,50 @@ class _Checker:
                 ):
                     self.add(join_path(base, "clamp"), f"min {lo} is greater than max {hi}")
 
+    def metrics(self) -> None:
+        metrics = self.data.get("metrics")
+        if not isinstance(metrics, dict):
+            return
+        for name, metric in metrics.items():
+            if not isinstance(metric, dict):
+                continue
+            base = join_path("metrics", name)
+            kinds = [k for k in METRIC_KINDS if k in metric]
+            if not kinds:
+                typos = [k for k in metric if did_you_mean(k, METRIC_KINDS)]
+                if not typos:
+                    self.add(
+                        base, f"metric has no kind; use exactly one of {', '.join(METRIC_KINDS)}"
+                    )
+            elif len(kinds) > 1:
+                self.add(
+                    base,
+                    f"metric has {len(kinds)} kinds ({one_of_words(kinds, 'and')}); "
+                    "use exactly one per metric",
+                )
+            self.prompt_ids(metric.get("prompts"), join_path(base, "prompts"))
+            if isinstance(metric.get("kl"), str):
+                self.prompt_id(metric["kl"], join_path(base, "kl"))
+            step = metric.get("step")
+            if _is_int(step) and step > 0:
+                if not self.has_generate:
+                    self.add(
+                        join_path(base, "step"),
+                        f"step {step} needs a generate: section "
+                        "(without it there is only step 0, the prompt pass)",
+                    )
+                elif self.max_new_tokens is not None and step >= self.max_new_tokens:
+                    n = self.max_new_tokens
+                    self.add(
+                        join_path(base, "step"),
+                        f"step {step} is past the last step: generate.max_new_tokens is {n}, "
+                        f"so steps run from 0 to {n - 1}",
+                    )
+
+    def sweep_mode(self) -> None:
+        if "sweep_mode" in self.data and "sweep" not in self.data:
+            self.add("sweep_mode", "sweep_mode needs a sweep: section")
+
 
 def semantic_issues(data: dict[str, Any], covered: set[str]) -> Issues:
     """All semantic problems of a (resolved) spec as (path, message) pairs."""
@@ -251,4 +295,6 @@ def semantic_issues(data: dict[str, Any], covered: set[str]) -> Issues:
     checker.generate()
     checker.saves()
     checker.edits()
+    checker.metrics()
+    checker.sweep_mode()
     return checker.out

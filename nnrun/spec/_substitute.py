@@ -1,7 +1,9 @@
 """``${name}`` substitution in string values.
 
-Variables are the ``vars:`` mapping plus the top-level scalars ``name``, ``seed`` and
-``batch_size``. A string that is exactly ``${x}`` takes x's typed value; elsewhere the
+Variables are the ``vars:`` mapping, the sweep variables (a point's values), plus the
+top-level scalars ``name``, ``seed`` and ``batch_size``. Names in ``deferred`` (the sweep
+variables, when the spec is read as a whole rather than point by point) are left as
+written. A string that is exactly ``${x}`` takes x's typed value; elsewhere the
 value is written into the text. ``$${`` stands for a literal ``${``. Problems (undefined
 or malformed references, cycles) are returned as issues and the string is left as is.
 """
@@ -35,10 +37,17 @@ class _Cycle(Exception):
 class Substituter:
     """Resolves variables (lazily, detecting cycles) and substitutes them into the spec."""
 
-    def __init__(self, data: dict[str, Any], default_name: str):
+    def __init__(
+        self,
+        data: dict[str, Any],
+        default_name: str,
+        extra: dict[str, Any] | None = None,
+        deferred: frozenset[str] = frozenset(),
+    ):
         self.issues: list[SpecIssue] = []
         self.raw: dict[str, Any] = {}
         self.where: dict[str, str] = {}
+        self.deferred = deferred
         declared = data.get("vars")
         if isinstance(declared, dict):
             for key, value in declared.items():
@@ -67,6 +76,11 @@ class Substituter:
                 self.raw[key] = value
                 self.where[key] = key
         self.resolved: dict[str, Any] = {}
+        # A sweep point's values are final: they are never substituted themselves.
+        for key, value in (extra or {}).items():
+            self.raw[key] = value
+            self.where[key] = join_path("sweep", key)
+            self.resolved[key] = value
         self._active: list[str] = []
 
     def _lookup(self, name: str) -> Any:
@@ -101,6 +115,8 @@ class Substituter:
         whole = _WHOLE.match(text)
         if whole:
             name = whole.group(1)
+            if name in self.deferred:
+                return text
             if name not in self.raw:
                 self._undefined(name, path)
                 return text
@@ -128,6 +144,9 @@ class Substituter:
                 failed = True
                 break
             name = m.group(1).strip()
+            if name in self.deferred:
+                out.append(token)
+                continue
             if not _NAME.match(name):
                 self.issues.append(
                     SpecIssue(
@@ -197,9 +216,19 @@ class Substituter:
         return out
 
 
-def substitute(data: dict[str, Any], default_name: str) -> tuple[dict[str, Any], list[SpecIssue]]:
-    """Substitute ``${...}`` in every string value of ``data``; returns (new data, issues)."""
-    sub = Substituter(data, default_name)
+def substitute(
+    data: dict[str, Any],
+    default_name: str,
+    *,
+    extra: dict[str, Any] | None = None,
+    deferred: frozenset[str] = frozenset(),
+) -> tuple[dict[str, Any], list[SpecIssue]]:
+    """Substitute ``${...}`` in every string value of ``data``; returns (new data, issues).
+
+    ``extra`` adds variables with fixed values (a sweep point's); references to names in
+    ``deferred`` stay as written.
+    """
+    sub = Substituter(data, default_name, extra, deferred)
     out = sub.apply(data)
     # One issue per place, even when a variable used in many places is itself broken.
     seen: set[tuple[str, str]] = set()
@@ -209,3 +238,19 @@ def substitute(data: dict[str, Any], default_name: str) -> tuple[dict[str, Any],
             seen.add((issue.path, issue.message))
             issues.append(issue)
     return out, issues
+
+
+def referenced_names(value: Any) -> set[str]:
+    """Every variable name referenced as ``${name}`` in the strings of ``value``."""
+    found: set[str] = set()
+    if isinstance(value, str):
+        for m in _TOKEN.finditer(value):
+            if m.group(1) is not None and _NAME.match(m.group(1).strip()):
+                found.add(m.group(1).strip())
+    elif isinstance(value, dict):
+        for item in value.values():
+            found |= referenced_names(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= referenced_names(item)
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from ._paths import format_path, join_path, parse_path
 from ._schema import validator
 from ._schema_errors import convert
 from ._semantic import semantic_issues
+from ._substitute import referenced_names
+from ._sweep import point_label
 
 
 def _string_keys(value: Any, path: str, out: list[tuple[str, str]]) -> Any:
@@ -56,24 +59,120 @@ def _override_for(path: str, overridden: dict[str, str]) -> str | None:
     return None
 
 
-def validate_spec(spec: LoadedSpec) -> list[SpecIssue]:
-    """Every problem in a loaded spec (schema and semantic checks), in file order.
-
-    Never raises for problems in the spec; an empty list means the spec is valid.
-    """
+def _data_issues(data: dict[str, Any], skip: set[str]) -> list[tuple[str, str]]:
+    """Schema and semantic problems of one resolved spec (paths in ``skip`` excluded)."""
     found: list[tuple[str, str]] = []
-    data = _string_keys(spec.data, "", found)
-
-    load_paths = {issue.path for issue in spec.load_issues}
+    data = _string_keys(data, "", found)
     schema: list[tuple[str, str]] = []
     for error in validator().iter_errors(data):
         schema += convert(error)
     # A value that still holds an undefined ${var} fails the schema too; report the cause only.
-    schema = [(p, m) for p, m in schema if p not in load_paths]
-    covered = {p for p, _ in schema} | load_paths
-    semantic = [(p, m) for p, m in semantic_issues(data, covered) if p not in load_paths]
+    schema = [(p, m) for p, m in schema if p not in skip]
+    covered = {p for p, _ in schema} | skip
+    semantic = [(p, m) for p, m in semantic_issues(data, covered) if p not in skip]
+    return found + schema + semantic
 
-    found += [(i.path, i.message) for i in spec.load_issues] + schema + semantic
+
+def _related(path: str, leaf: str) -> bool:
+    """Whether an issue at ``path`` is about the value at ``leaf`` (or inside or above it)."""
+    if path == leaf:
+        return True
+    inner, outer = (path, leaf) if len(path) > len(leaf) else (leaf, path)
+    return inner.startswith(outer) and inner[len(outer)] in ".[" if outer else True
+
+
+def _varying_leaves(value: Any, names: frozenset[str], path: str = "") -> dict[str, set[str]]:
+    """Paths of the template's strings that use sweep variables -> the variables used."""
+    out: dict[str, set[str]] = {}
+    if isinstance(value, str):
+        used = referenced_names(value) & names
+        if used:
+            out[path] = used
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            out.update(_varying_leaves(item, names, join_path(path, str(key))))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            out.update(_varying_leaves(item, names, join_path(path, i)))
+    return out
+
+
+def _get(data: Any, path: str) -> Any:
+    for part in parse_path(path):
+        data = data[part]
+    return data
+
+
+def _with(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    copy = json.loads(json.dumps(data))
+    parts = parse_path(path)
+    target = copy
+    for part in parts[:-1]:
+        target = target[part]
+    target[parts[-1]] = value
+    return copy
+
+
+_MAX_LABELS = 3
+
+
+def _sweep_issues(spec: LoadedSpec, skip: set[str]) -> list[tuple[str, str]]:
+    """Problems of every sweep point, each checked once per distinct value.
+
+    Points differ only where the template uses a sweep variable. The first point is
+    checked whole; then each such place is checked once for each value it takes, in the
+    first point's context, and its problems are labelled with the points that have that
+    value (``layer=31: ...``).
+    """
+    assert spec.sweep is not None
+    points = spec.points()
+    base = points[0].data
+    leaves = _varying_leaves(spec.data, spec.deferred)
+    base_issues = _data_issues(base, skip)
+    found = [(p, m) for p, m in base_issues if not any(_related(p, leaf) for leaf in leaves)]
+    for leaf, names in leaves.items():
+        by_value: dict[str, list[str]] = {}
+        values: dict[str, Any] = {}
+        for point in points:
+            try:
+                value = _get(point.data, leaf)
+            except (KeyError, IndexError, TypeError):
+                continue
+            key = json.dumps(value, sort_keys=True, default=str)
+            values[key] = value
+            label = point_label({n: point.values[n] for n in point.values if n in names})
+            labels = by_value.setdefault(key, [])
+            if label not in labels:
+                labels.append(label)
+        for key, labels in by_value.items():
+            checked = _data_issues(_with(base, leaf, values[key]), skip)
+            problems = [(p, m) for p, m in checked if _related(p, leaf)]
+            if not problems:
+                continue
+            shown = "; ".join(labels[:_MAX_LABELS])
+            if len(labels) > _MAX_LABELS:
+                shown += f" (and {len(labels) - _MAX_LABELS} more points)"
+            found += [(p, f"{shown}: {m}") for p, m in problems]
+    return found
+
+
+def validate_spec(spec: LoadedSpec) -> list[SpecIssue]:
+    """Every problem in a loaded spec (schema and semantic checks), in file order.
+
+    A spec with a sweep is checked at every point; a problem that only some points have
+    names them. Never raises for problems in the spec; an empty list means it is valid.
+    """
+    skip = {issue.path for issue in spec.load_issues}
+    if spec.sweep is not None and not spec.load_issues:
+        found = _sweep_issues(spec, skip)
+    else:
+        leaves = _varying_leaves(spec.data, spec.deferred)
+        found = [
+            (p, m)
+            for p, m in _data_issues(spec.data, skip)
+            if not any(_related(p, leaf) for leaf in leaves)
+        ]
+    found = [(i.path, i.message) for i in spec.load_issues] + found
     source = str(spec.source) if spec.source is not None else None
     issues: list[SpecIssue] = []
     seen: set[tuple[str, str]] = set()
