@@ -9,15 +9,15 @@ torch.Size([2, 30, 1, 576])
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnrun._run import ProgressFn, RunProgress, clear_cache
 from nnrun.spec import LoadedSpec, check_spec
 from nnrun.store import Results, load
 
-# (prompts done, prompts in total or None) after each micro-batch.
-ProgressFn = Callable[[int, int | None], None]
+__all__ = ["ProgressFn", "RunProgress", "clear_cache"]  # re-exported for nnrun.__init__
 
 
 def run(
@@ -27,33 +27,62 @@ def run(
     output: str | Path | None = None,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] | None = None,
+    resume: bool = False,
+    yes: bool = False,
+    cache: bool = True,
 ) -> Results:
-    """Validate, compile and execute a spec; write its output file; return its saves.
+    """Validate, compile and execute a spec; write its output file; return its results.
 
     `spec` is a path to a YAML/JSON file, a dict, or an already loaded spec.
     `overrides` are `key.path=value` strings, as `nnrun run -s` takes them.
+    A spec with `sweep:` runs every point into one file (`Results.failed_points()`
+    lists the points that failed; the others are complete); `resume=True` continues
+    an interrupted sweep from its partial file. Sweeps over more than 10,000 points
+    need `yes=True`. Loaded models stay cached between calls (`cache=False` to
+    load afresh; `nnrun.clear_cache()` to free them).
+
+    >>> results = nnrun.run("specs/activation-patching.yaml")        # doctest: +SKIP
+    >>> results.metric("logit_diff").shape, results.coords("logit_diff")  # doctest: +SKIP
     """
-    from nnrun.compile import compile_plan
-    from nnrun.engine import Engine, count_prompts
+    from nnrun._run import SweepRunner, check_size, done_points, sweep_layout
+    from nnrun.compile import model_device
     from nnrun.store import OutputWriter, provenance
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
-    model = load_model_for(loaded, log)
-    plan = compile_plan(loaded, model.model, model.tokenizer)
-    if output is not None:
-        plan = replace(plan, output=Path(output))
-    engine = Engine(plan, model.model, model.tokenizer)
-    engine.preflight()
-    attrs = provenance(plan.spec_text, plan.seed, model.info.as_attrs(), str(engine.device))
-    total = count_prompts(plan.prompts)
-    done = 0
-    with OutputWriter(plan.output, attrs, plan.saves, sizes=_model_sizes(model.model)) as out:
-        for result in engine.run():
-            out.write(result)
-            done += len(result.prompt_ids)
-            if progress is not None:
-                progress(done, total)
-    return load(plan.output)
+    check_size(loaded, yes)
+    path = Path(output) if output is not None else Path(loaded.data["output"])
+    runner = SweepRunner(
+        loaded,
+        done=done_points(loaded, path) if resume else None,
+        progress=progress,
+        log=log,
+        cache=cache,
+    )
+    model = runner.first_model()
+    if runner.groups:
+        runner.prepare(0)  # a spec without a sweep that does not compile leaves no file
+    first = loaded.points()[0].data
+    attrs = provenance(
+        loaded.text,
+        int(first.get("seed", 0)),
+        model.info.as_attrs(),
+        str(model_device(model.model)),
+    )
+    prompts = first["prompts"]
+    prompt_ids = None if "file" in prompts and set(prompts) <= _FILE_KEYS else tuple(prompts)
+    with OutputWriter(
+        path,
+        attrs,
+        sizes=_model_sizes(model.model),
+        prompt_ids=prompt_ids,
+        sweep=sweep_layout(loaded),
+        resume=resume,
+    ) as out:
+        runner.run(out)
+    return load(path)
+
+
+_FILE_KEYS = {"file", "field", "id_field", "limit"}
 
 
 def _model_sizes(model: Any) -> dict[str, int]:

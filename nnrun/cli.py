@@ -7,8 +7,10 @@ print as one message (exit 1), and `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -37,40 +39,109 @@ def _main(
     _debug = debug
 
 
+SpecArg = Annotated[Path, typer.Argument(help="The spec file (YAML or JSON).")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a spec key: -s generate.max_new_tokens=8"),
+]
+OutputOption = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output file (default: the spec's)")
+]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue an interrupted sweep from its partial file.")
+]
+YesOption = Annotated[
+    bool, typer.Option("--yes", "-y", help="Run a sweep of more than 10,000 points.")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
 @app.command()
 def run(
-    spec: Annotated[Path, typer.Argument(help="The spec file (YAML or JSON).")],
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", "-s", help="Override a spec key: -s generate.max_new_tokens=8"),
-    ] = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output file (default: the spec's)")
-    ] = None,
+    spec: SpecArg,
+    set_: SetOption = None,
+    output: OutputOption = None,
+    resume: ResumeOption = False,
+    yes: YesOption = False,
+    quiet: QuietOption = False,
 ) -> None:
-    """Run an experiment and write its HDF5 output file."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+    """Run an experiment (every point of its sweep, if it has one) and write its HDF5 file."""
     from nnrun import api
+
+    with _progress_bar(quiet) as (progress, log):
+        results = api.run(
+            spec, set_ or (), output=output, progress=progress, log=log, resume=resume, yes=yes
+        )
+    _print_summary(results)
+    failed = results.failed_points()
+    if failed:
+        err_console.print(
+            f"[red]{len(failed)} of {len(results.points())} sweep points failed[/red] "
+            f"(listed in {results.path}; `nnrun show` prints them)",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    spec: SpecArg,
+    set_: SetOption = None,
+    output: OutputOption = None,
+    resume: ResumeOption = False,
+    yes: YesOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Run a sweep: the same as `nnrun run` (which runs sweeps too)."""
+    run(spec, set_, output, resume, yes, quiet)
+
+
+@contextmanager
+def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
+    """A rich progress bar on stderr over a run's rows (and sweep points), or nothing."""
+    if quiet:
+        yield None, None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[points]}"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err_console,
         transient=True,
     ) as bar:
-        task = bar.add_task("prompts", total=None)
+        task = bar.add_task("loading model ...", total=None, points="")
 
-        def progress(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
+        def progress(state: Any) -> None:
+            points = ""
+            if state.points_total > 1:
+                points = f"points {state.points_done}/{state.points_total}"
+                if state.points_failed:
+                    points += f" ({state.points_failed} failed)"
+            description = "rows" if state.stage == "running" else f"{state.stage} ..."
+            bar.update(
+                task,
+                completed=state.rows_done,
+                total=state.rows_total,
+                description=description,
+                points=points,
+            )
 
         def log(message: str) -> None:
             bar.console.print(f"[dim]{message}[/dim]")
 
-        results = api.run(spec, set_ or (), output=output, progress=progress, log=log)
-    _print_summary(results)
+        yield progress, log
 
 
 @app.command()

@@ -285,7 +285,9 @@ def test_schema_prints_the_json_schema() -> None:
 
 
 def test_show_a_partial_file_says_why(tiny_gpt2: Path, tmp_path: Path) -> None:
-    def interrupt(done: int, total: int | None) -> None:
+    def interrupt(state: nnrun.RunProgress) -> None:
+        if state.stage != "running" or not state.rows_done:
+            return
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

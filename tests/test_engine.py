@@ -226,8 +226,11 @@ def test_streamed_jsonl_in_order_with_ids_and_bounded_memory(
     calls: list[tuple[int, int | None]] = []
     marks: dict[int, tuple[tuple[int, int], int, int]] = {}
 
-    def progress(done: int, total: int | None) -> None:
-        calls.append((done, total))
+    def progress(state: nnrun.RunProgress) -> None:
+        if state.stage != "running" or state.rows_done == 0:
+            return
+        done = state.rows_done
+        calls.append((done, state.rows_total))
         if done in (208, 2000):
             marks[done] = (_live_tensors(), _live(BatchResult), _rss_bytes())
 

@@ -281,8 +281,8 @@ def test_interrupt_keeps_the_earlier_complete_output(tiny_gpt2: Path, tmp_path: 
     earlier = out.read_bytes()
     assert _attrs(out)["status"] == "complete" and not partial.exists()
 
-    def interrupt(done: int, total: int | None) -> None:
-        if done >= 1:
+    def interrupt(state: nnrun.RunProgress) -> None:
+        if state.stage == "running" and state.rows_done >= 1:
             raise KeyboardInterrupt
 
     spec = {**_gpt2_spec(tiny_gpt2, [FRANCE, LONG, "Hi"], tokens=[-1]), "batch_size": 1}
@@ -292,7 +292,8 @@ def test_interrupt_keeps_the_earlier_complete_output(tiny_gpt2: Path, tmp_path: 
     attrs = _attrs(partial)
     assert attrs["status"] == "partial" and attrs["error"].startswith("KeyboardInterrupt")
     with h5py.File(partial, "r") as f:
-        assert h5_str(f["prompts/id"][()]) == ["p0"]
+        # The prompt axis is laid out in full; rows never reached stay empty.
+        assert h5_str(f["prompts/id"][()]) == ["p0", "", ""]
 
     nnrun.run(spec, output=out)  # a successful rerun replaces both
     assert not partial.exists()

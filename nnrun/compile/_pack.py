@@ -217,7 +217,7 @@ def _with_targets(
     prompt_ids: tuple[str, ...],
 ) -> Any:
     """A variant's layout with the output slots of each of its rows."""
-    axis = layout.prompts if layout.prompts is not None else prompt_ids
+    axis = prompt_axis(layout.prompts, prompt_ids)
     targets: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for n in points:
         point = compiled[n][0]
@@ -228,6 +228,11 @@ def _with_targets(
         key=key,
         targets=tuple((row, tuple(slots)) for row, slots in targets.items()),
     )
+
+
+def prompt_axis(selected: tuple[str, ...] | None, prompt_ids: tuple[str, ...]) -> tuple[str, ...]:
+    """A save's or metric's prompt axis: its prompts in the spec's prompt order."""
+    return prompt_ids if selected is None else tuple(p for p in prompt_ids if p in selected)
 
 
 def _row_keys(compiled: Sequence[tuple[SweepPoint, Plan]]) -> dict[tuple[int, str], str]:

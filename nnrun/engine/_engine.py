@@ -96,6 +96,50 @@ class _BatchState:
         return self.edits.index(prompts, tokens, what, include_aux=False)
 
 
+def uses_left_padding(plan: Plan, model: nn.Module) -> bool:
+    """Generation appends to the right, so it always left-pads; a single forward
+    pads right only for models that cannot take position ids."""
+    return plan.generate is not None or takes_position_ids(model)
+
+
+def preflight(
+    plan: Plan, model: nn.Module, tokenizer: Any, operands: OperandCache | None = None
+) -> None:
+    """Check what can be checked before any forward pass or output file.
+
+    Resolves every selection against every inline prompt (a token beyond a
+    prompt's length fails here, naming the save, edit or metric), reads every
+    file operand once, and checks literal and file operands against the value
+    shapes the compile-time probe saw. Raises RunError.
+    """
+    operands = operands or OperandCache()
+    rows = _plan_rows(plan)
+    batch = None
+    if rows is not None:
+        batch = make_batch(
+            [(r.key, r.text) for r in rows.values()],
+            tokenizer,
+            torch.device("cpu"),
+            left_pad=uses_left_padding(plan, model),
+            prompt_ids=[r.prompt for r in rows.values()],
+        )
+    for actions in plan.sites:
+        for save in actions.saves:
+            if batch is not None:
+                token_index(batch, save.prompts, save.tokens, what=f"save '{save.name}'")
+        for metric in actions.metrics:
+            if batch is not None:
+                token_index(batch, metric.prompts, metric.tokens, what=f"metric '{metric.key}'")
+        for edit in actions.edits:
+            index = None
+            if batch is not None:
+                index = token_index(batch, edit.prompts, edit.tokens, what=edit.label)
+            if isinstance(edit.operand, FileValue | LiteralValue):
+                operand = operands.host(edit)
+                selected = None if index is None else tuple(index.columns.shape)
+                check_operand_shape(edit, tuple(operand.shape), actions.site.label, selected)
+
+
 class Engine:
     """Runs a compiled Plan on a loaded model, one micro-batch at a time.
 
@@ -108,46 +152,18 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = model_device(model)
-        # Generation appends to the right, so it always left-pads; a single
-        # forward pads right only for models that cannot take position ids.
-        self.left_pad = plan.generate is not None or takes_position_ids(model)
+        self.left_pad = uses_left_padding(plan, model)
         self.modules = dict(model.named_modules())
         self._max_steps = int(plan.generate["max_new_tokens"]) if plan.generate else 1
         self.operands = OperandCache()
         self._state: _BatchState | None = None
         self._rows = _plan_rows(plan)
         self._by_row, self._always = _actions_by_row(plan)
+        self.current_rows: list[str] = []  # the rows of the batch under way (for error reports)
 
     def preflight(self) -> None:
-        """Check what can be checked before any forward pass or output file.
-
-        Resolves every selection against every inline prompt (a token beyond a
-        prompt's length fails here, naming the save or edit), reads every file
-        operand once, and checks literal and file operands against the value
-        shapes the compile-time probe saw.
-        """
-        batch = None
-        if self._rows is not None:
-            rows = list(self._rows.values())
-            batch = make_batch(
-                [(r.key, r.text) for r in rows],
-                self.tokenizer,
-                torch.device("cpu"),
-                left_pad=self.left_pad,
-                prompt_ids=[r.prompt for r in rows],
-            )
-        for actions in self.plan.sites:
-            for save in actions.saves:
-                if batch is not None:
-                    token_index(batch, save.prompts, save.tokens, what=f"save '{save.name}'")
-            for edit in actions.edits:
-                index = None
-                if batch is not None:
-                    index = token_index(batch, edit.prompts, edit.tokens, what=edit.label)
-                if isinstance(edit.operand, FileValue | LiteralValue):
-                    operand = self.operands.host(edit)
-                    selected = None if index is None else tuple(index.columns.shape)
-                    check_operand_shape(edit, tuple(operand.shape), actions.site.label, selected)
+        """Check what can be checked before any forward pass (see `preflight`)."""
+        preflight(self.plan, self.model, self.tokenizer, self.operands)
 
     def run(self, rows: list[str] | None = None) -> Iterator[BatchResult]:
         """Yield one BatchResult per micro-batch; hooks are removed afterwards.
@@ -170,6 +186,7 @@ class Engine:
     def _run_batch(self, chunk: list[PromptRow]) -> BatchResult:
         extra = self._source_rows(chunk)
         rows = chunk + extra
+        self.current_rows = [r.key for r in rows]
         batch = make_batch(
             [(r.key, r.text) for r in rows],
             self.tokenizer,

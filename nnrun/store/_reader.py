@@ -14,11 +14,14 @@ from nnrun.errors import NnrunError
 
 
 class Results(Mapping[str, Any]):
-    """The saves of one output file, read on access.
+    """The saves and metrics of one output file, read on access.
 
     `results["resid"]` is a torch tensor; `results.array("resid")` a numpy
     array; `results.axes("resid")` names its axes; `results.prompt_ids("resid")`
-    says which prompt each row holds.
+    says which prompt each row holds. Metrics: `results.metric("p_paris")` (numpy),
+    `results.metric_names`. A sweep's datasets lead with one axis per sweep
+    variable: `results.coords("p_paris")` gives each one's values, and
+    `results.failed_points()` the points that failed, with their errors.
 
     >>> r = nnrun.load("runs/demo.h5")          # doctest: +SKIP
     >>> r.axes("resid"), r["resid"].shape        # doctest: +SKIP
@@ -33,6 +36,7 @@ class Results(Mapping[str, Any]):
             with h5py.File(self.path, "r") as f:
                 self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
                 self._names = list(f["saves"].keys()) if "saves" in f else []
+                self.metric_names = list(f["metrics"].keys()) if "metrics" in f else []
         except OSError as e:
             raise NnrunError(f"cannot read '{self.path}' as an HDF5 file: {e}") from None
 
@@ -53,14 +57,16 @@ class Results(Mapping[str, Any]):
 
     def array(self, name: str) -> np.ndarray:
         """The save's values as a numpy array (ragged tokens padded with NaN / -1)."""
-        self._check(name)
-        with h5py.File(self.path, "r") as f:
-            return f["saves"][name][()]
+        return self._read("saves", name)
+
+    def metric(self, name: str) -> np.ndarray:
+        """A metric's values: axes (sweep variables..., prompt); NaN where a point failed."""
+        return self._read("metrics", name)
 
     def axes(self, name: str) -> list[str]:
-        self._check(name)
+        """The axis names of a save or metric, outermost first."""
         with h5py.File(self.path, "r") as f:
-            return json.loads(f["saves"][name].attrs["axes"])
+            return json.loads(self._dataset(f, name).attrs["axes"])
 
     def prompt_ids(self, name: str) -> list[str]:
         return [_plain(v) for v in self._axis(name, "prompt")]
@@ -70,11 +76,44 @@ class Results(Mapping[str, Any]):
         values = self._axis(name, "length")
         return None if values is None else np.asarray(values)
 
-    def prompts(self) -> dict[str, str]:
-        """Every prompt of the run: id -> text, in run order."""
+    def coords(self, name: str | None = None) -> dict[str, list[Any]]:
+        """Each sweep variable's values, in axis order ({} without a sweep).
+
+        For a zip sweep the leading axis is `point` and every variable has one value
+        per point. `name` (a save or metric) is accepted for symmetry with `axes`.
+        """
+        if name is not None:
+            self.axes(name)  # a clear KeyError for a wrong name
         with h5py.File(self.path, "r") as f:
-            ids = [_plain(v) for v in f["prompts/id"][()]]
-            texts = [_plain(v) for v in f["prompts/text"][()]]
+            if "sweep" not in f:
+                return {}
+            group = f["sweep"]
+            names = json.loads(group.attrs["variables"])
+            return {v: [_plain(x) for x in group[v][()]] for v in names}
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every sweep point: index, label, status (pending/done/failed) and error."""
+        with h5py.File(self.path, "r") as f:
+            if "sweep" not in f:
+                return []
+            group = f["sweep"]
+            names = {0: "pending", 1: "done", 2: "failed"}
+            return [
+                {"index": i, "label": _plain(label), "status": names[int(s)], "error": _plain(e)}
+                for i, (label, s, e) in enumerate(
+                    zip(group["label"][()], group["status"][()], group["error"][()])
+                )
+            ]
+
+    def failed_points(self) -> dict[str, str]:
+        """Label -> error message of every point that failed (empty when none did)."""
+        return {p["label"]: p["error"] for p in self.points() if p["status"] == "failed"}
+
+    def prompts(self) -> dict[str, str]:
+        """Every prompt of the run: id -> text, in run order (a sweep's first point)."""
+        with h5py.File(self.path, "r") as f:
+            ids = _first_point(f["prompts/id"])
+            texts = _first_point(f["prompts/text"])
         return dict(zip(ids, texts))
 
     def generation(self) -> dict[str, str]:
@@ -82,25 +121,43 @@ class Results(Mapping[str, Any]):
         with h5py.File(self.path, "r") as f:
             if "generation" not in f:
                 return {}
-            ids = [_plain(v) for v in f["prompts/id"][()]]
-            texts = [_plain(v) for v in f["generation/text"][()]]
+            ids = _first_point(f["prompts/id"])
+            texts = _first_point(f["generation/text"])
         return dict(zip(ids, texts))
 
-    def _axis(self, name: str, axis: str) -> Any:
-        self._check(name)
+    def _read(self, group: str, name: str) -> np.ndarray:
         with h5py.File(self.path, "r") as f:
-            group = f["axes"].get(f["saves"][name].attrs.get("save", name))
-            return None if group is None or axis not in group else group[axis][()]
+            if group not in f or name not in f[group]:
+                known = ", ".join(f[group].keys()) if group in f else "none"
+                raise KeyError(f"no {group[:-1]} '{name}' in {self.path} ({group}: {known})")
+            return f[group][name][()]
 
-    def _check(self, name: str) -> None:
-        if name not in self._names:
-            known = ", ".join(self._names) or "none"
-            raise KeyError(f"no save '{name}' in {self.path} (saves: {known})")
+    def _dataset(self, f: h5py.File, name: str) -> h5py.Dataset:
+        for group in ("saves", "metrics"):
+            if group in f and name in f[group]:
+                return f[group][name]
+        known = ", ".join([*self._names, *self.metric_names]) or "none"
+        raise KeyError(f"no save or metric '{name}' in {self.path} (known: {known})")
+
+    def _axis(self, name: str, axis: str) -> Any:
+        with h5py.File(self.path, "r") as f:
+            ds = self._dataset(f, name)
+            key = ds.attrs.get("save", ds.attrs.get("metric", name))
+            group = f["axes"].get(key) if "axes" in f else None
+            return None if group is None or axis not in group else group[axis][()]
 
 
 def load(path: str | Path) -> Results:
     """Open an nnrun output file for reading."""
     return Results(path)
+
+
+def _first_point(ds: h5py.Dataset) -> list[Any]:
+    """A /prompts column as a list; for a sweep, the first point's (prompts rarely vary)."""
+    values = ds[()]
+    while values.ndim > 1:
+        values = values[0]
+    return [_plain(v) for v in values]
 
 
 def _plain(value: Any) -> Any:

@@ -1,14 +1,21 @@
-"""Stream batches of saves into one HDF5 file, atomically.
+"""Stream batches of saves and metrics into one HDF5 file, atomically.
 
 The file is written under `<out>.partial.h5` with `status = partial` and only
 renamed to `<out>` after the last batch, with `status = complete`. A run that
-fails or is interrupted leaves at most the `.partial.h5` file, which says so.
+fails or is interrupted leaves at most the `.partial.h5` file, which says so; a
+sweep's partial file records which points are done, so `--resume` continues it.
+
+Every dataset's leading axes are the sweep's (none without a sweep), then
+`prompt`; each batch row is written to the (point, prompt) slots its plan gives
+it, so a row shared by many sweep points is computed once and written to each.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,13 +23,20 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from nnrun.errors import NnrunError
+
 if TYPE_CHECKING:
-    from nnrun.compile.plan import SaveLayout
+    from nnrun.compile.plan import MetricLayout, Plan, SaveLayout
     from nnrun.engine import BatchResult, SaveBatch
 
 FORMAT_VERSION = 1
 STR = h5py.string_dtype()
-_CHUNK_BYTES = 4 << 20  # measured in the brief: big contiguous-ish slabs write near raw speed
+_CHUNK_BYTES = (
+    1 << 20
+)  # chunks of about 1 MiB: big enough to write fast, small enough to read a slice
+
+# Point status in /sweep/status.
+PENDING, DONE, FAILED = 0, 1, 2
 
 
 def partial_path(path: Path) -> Path:
@@ -30,10 +44,30 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.stem + ".partial" + path.suffix)
 
 
+@dataclass(frozen=True)
+class SweepLayout:
+    """What the file records about a sweep: its leading axes and its points."""
+
+    dims: tuple[str, ...]  # names of the leading axes (the variables; zip: ("point",))
+    shape: tuple[int, ...]
+    mode: str  # grid | zip
+    coords: dict[str, tuple[Any, ...]]  # variable -> its values (zip: one per point)
+    labels: tuple[str, ...]  # per point, "layer=3, pos=2"
+    hashes: tuple[str, ...]  # per point, sha256 of its resolved spec
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def coords_of(self, point: int) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.unravel_index(point, self.shape))
+
+
 class OutputWriter:
     """Context manager that owns one output file for the length of a run.
 
-    >>> with OutputWriter(path, attrs, plan.saves) as out:    # doctest: +SKIP
+    >>> with OutputWriter(path, attrs, prompt_ids=plan.prompt_ids) as out:   # doctest: +SKIP
+    ...     out.register(plan)
     ...     for result in engine.run():
     ...         out.write(result)
     """
@@ -42,54 +76,57 @@ class OutputWriter:
         self,
         path: Path,
         attrs: dict[str, Any],
-        layouts: tuple[SaveLayout, ...],
+        *,
         sizes: dict[str, int] | None = None,
+        prompt_ids: tuple[str, ...] | None = None,
+        sweep: SweepLayout | None = None,
+        resume: bool = False,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
         self.attrs = attrs
-        self.layouts = {layout.name: layout for layout in layouts}
         # Known model sizes ({"hidden": 576, "vocab": 49152}) name a value's own axes.
         self.sizes = sizes or {}
+        self.prompt_ids = prompt_ids  # None: prompts stream from a file and are appended
+        self.sweep = sweep
+        self.resume = resume
+        self.lead: tuple[int, ...] = sweep.shape if sweep is not None else ()
         self.file: h5py.File | None = None
-        self.prompt_count = 0
+        self.saves: dict[str, SaveLayout] = {}
+        self.metrics: dict[str, MetricLayout] = {}
+        self.prompt_targets: dict[str, list[tuple[int, int]]] = {}
+        self.done: set[int] = set()  # points already written (from a resumed file)
+        self.appended = 0  # prompts written in append mode
+
+    # -- lifecycle -----------------------------------------------------------
 
     def __enter__(self) -> OutputWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.resume and self.tmp_path.is_file():
+            self.file = h5py.File(self.tmp_path, "r+")
+            status = self.file["sweep/status"][()] if "sweep/status" in self.file else []
+            self.done = {i for i, s in enumerate(status) if s == DONE}
+            self.file.attrs["resumed_utc"] = _utc_now()
+            return self
         self.file = h5py.File(self.tmp_path, "w")
         for key, value in self.attrs.items():
             self.file.attrs[key] = value
         self.file.attrs["format"] = FORMAT_VERSION
         self.file.attrs["status"] = "partial"
         self.file.attrs["started_utc"] = _utc_now()
-        _token_rows_group(self.file, "prompts", ids=True)
+        self._create_prompt_groups()
         self.file.create_group("saves")
         self.file.create_group("axes")
+        if self.sweep is not None:
+            self._create_sweep_group()
         return self
-
-    def write(self, result: BatchResult) -> None:
-        """Append one micro-batch: its prompts and each save's values."""
-        assert self.file is not None
-        _append_token_rows(
-            self.file["prompts"], result.token_ids, id=result.prompt_ids, text=result.texts
-        )
-        self.prompt_count += len(result.prompt_ids)
-        if result.generated is not None:
-            # Prompt ids label the rows: /generation rows follow /prompts rows.
-            group = self.file.get("generation") or _token_rows_group(self.file, "generation")
-            _append_token_rows(group, result.generated, text=result.generated_text or [])
-        for name, save in result.saves.items():
-            layout = self.layouts[name]
-            self._append_save(name, layout, save.data, save)
-            for suffix, tensor in save.extra.items():
-                self._append_save(f"{name}.{suffix}", layout, tensor, save, scales=False)
-        self.file.flush()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.file is not None
         try:
             self._finish_axes()
-            self.file.attrs["prompt_count"] = self.prompt_count
+            count = len(self.prompt_ids) if self.prompt_ids is not None else self.appended
+            self.file.attrs["prompt_count"] = count
             self.file.attrs["finished_utc"] = _utc_now()
             if exc_type is None:
                 self.file.attrs["status"] = "complete"
@@ -100,55 +137,175 @@ class OutputWriter:
         if exc_type is None:
             os.replace(self.tmp_path, self.path)
 
+    # -- what the plan will write -------------------------------------------
+
+    def register(self, plan: Plan) -> None:
+        """Learn a plan's save and metric variants and where each of its rows goes."""
+        for layout in plan.saves:
+            self.saves[layout.variant] = layout
+        for metric in plan.metrics:
+            self.metrics[metric.variant] = metric
+        if plan.rows is None or self.prompt_ids is None:
+            return
+        slot = {prompt: i for i, prompt in enumerate(self.prompt_ids)}
+        for point in plan.points:
+            for prompt, row in point.rows:
+                targets = self.prompt_targets.setdefault(row, [])
+                if (point.index, slot[prompt]) not in targets:
+                    targets.append((point.index, slot[prompt]))
+
+    # -- writing -------------------------------------------------------------
+
+    def write(self, result: BatchResult) -> None:
+        """Write one micro-batch: its prompts, each save's and each metric's values."""
+        assert self.file is not None
+        rows = result.rows or result.prompt_ids
+        if self.prompt_ids is None:
+            first = self.appended
+            self.appended += len(rows)
+            dests = [[(0, first + i)] for i in range(len(rows))]
+        else:
+            dests = [self.prompt_targets[row] for row in rows]
+        self._write_token_rows(
+            self.file["prompts"], dests, result.token_ids, id=result.prompt_ids, text=result.texts
+        )
+        if result.generated is not None:
+            group = self.file.get("generation") or self._token_rows_group("generation")
+            self._write_token_rows(group, dests, result.generated, text=result.generated_text or [])
+        for key, save in result.saves.items():
+            layout = self.saves[key]
+            targets = self._targets(layout, save.prompt_ids)
+            self._write_save(layout.name, layout, save.data, save, targets)
+            for suffix, tensor in save.extra.items():
+                self._write_save(f"{layout.name}.{suffix}", layout, tensor, save, targets)
+        for key, metric in result.metrics.items():
+            layout = self.metrics[key]
+            targets = self._targets(layout, metric.rows)
+            self._write_metric(layout, metric.data.numpy(), targets, metric.rows)
+        self.file.flush()
+
+    def mark_points(self, done: list[int], failed: dict[int, str] | None = None) -> None:
+        """Record points as written (resume skips them) or failed, with their error."""
+        if self.file is None or "sweep" not in self.file:
+            return
+        group = self.file["sweep"]
+        for point in done:
+            group["status"][point] = DONE
+            self.done.add(point)
+        for point, message in (failed or {}).items():
+            group["status"][point] = FAILED
+            group["error"][point] = message
+        self.file.flush()
+
     # -- pieces --------------------------------------------------------------
 
-    def _append_save(
-        self, name: str, layout: SaveLayout, tensor: Any, save: SaveBatch, *, scales: bool = True
-    ) -> None:
-        data, torch_dtype = _to_numpy(tensor)
-        token_axis = layout.token_axis
-        saves = self.file["saves"]
-        if name not in saves:
-            self._create_save(name, data, layout, save, torch_dtype, token_axis)
-        ds = saves[name]
-        n, r = ds.shape[0], data.shape[0]
-        if save.counts is not None and data.shape[token_axis] > ds.shape[token_axis]:
-            ds.resize(data.shape[token_axis], axis=token_axis)
-        ds.resize(n + r, axis=0)
-        target = (slice(n, n + r),) + (slice(None),) * (token_axis - 1)
-        target += (slice(0, data.shape[token_axis]),)
-        ds[target] = data
-        if scales:
-            self._append_axis(name, "prompt", save.prompt_ids, STR)
-            if save.counts is not None:
-                self._append_axis(name, "length", save.counts.numpy(), np.int32)
+    def _targets(self, layout: Any, rows: list[str]) -> list[list[tuple[int, int]]]:
+        if layout.targets is None:  # streamed prompts: rows go after the ones written
+            group = self.file.get("metrics" if layout.name in self._metric_names() else "saves")
+            ds = None if group is None else group.get(layout.name)
+            start = 0 if ds is None else int(ds.shape[0])
+            return [[(0, start + i)] for i in range(len(rows))]
+        table = dict(layout.targets)
+        return [list(table[row]) for row in rows]
 
-    def _create_save(
+    def _metric_names(self) -> set[str]:
+        return {m.name for m in self.metrics.values()}
+
+    def _dest(self, point: int, slot: int) -> tuple[int, ...]:
+        lead = self.sweep.coords_of(point) if self.sweep is not None else ()
+        return (*lead, slot)
+
+    def _prompt_count(self, selected: tuple[str, ...] | None) -> int:
+        if self.prompt_ids is None:
+            return 0
+        if selected is None:
+            return len(self.prompt_ids)
+        return sum(1 for p in self.prompt_ids if p in selected)
+
+    def _write_save(
         self,
         name: str,
-        data: np.ndarray,
         layout: SaveLayout,
+        tensor: Any,
         save: SaveBatch,
-        torch_dtype: str,
-        token_axis: int,
+        targets: list[list[tuple[int, int]]],
     ) -> None:
+        data, torch_dtype = _to_numpy(tensor)
+        token_axis = layout.token_axis  # in data (R, [L], [S], T, ...)
         ragged = save.counts is not None
+        saves = self.file["saves"]
+        if name not in saves:
+            self._create_save(name, data, layout, ragged, torch_dtype)
+        ds = saves[name]
+        n = len(self.lead)
+        width = data.shape[token_axis]
+        if width > ds.shape[n + token_axis]:
+            ds.resize(width, axis=n + token_axis)
+        lengths = self.file["axes"][layout.name].get("length") if name == layout.name else None
+        counts = save.counts.numpy() if ragged else None
+        for (start, stop), (point, slot) in _runs(targets):
+            self._ensure_rows(ds, slot + stop - start)
+            where = self._dest(point, slot)
+            block = (slice(where[-1], where[-1] + stop - start),)
+            ds[where[:-1] + block + (slice(None),) * (token_axis - 1) + (slice(0, width),)] = data[
+                start:stop
+            ]
+            if lengths is not None and counts is not None:
+                self._ensure_rows(lengths, slot + stop - start)
+                lengths[where[:-1] + block] = counts[start:stop]
+            if name == layout.name:
+                self._append_labels(layout.name, block, save.prompt_ids[start:stop])
+
+    def _write_metric(
+        self,
+        layout: MetricLayout,
+        values: np.ndarray,
+        targets: list[list[tuple[int, int]]],
+        rows: list[str],
+    ) -> None:
+        group = self.file.require_group("metrics")
+        if layout.name not in group:
+            self._create_metric(layout)
+        ds = group[layout.name]
+        for (start, stop), (point, slot) in _runs(targets):
+            self._ensure_rows(ds, slot + stop - start)
+            where = self._dest(point, slot)
+            block = (slice(where[-1], where[-1] + stop - start),)
+            ds[where[:-1] + block] = values[start:stop]
+            self._append_labels(layout.name, block, rows[start:stop])
+
+    def _append_labels(self, name: str, block: tuple[slice], rows: list[str]) -> None:
+        """Streamed prompts: label the new rows of /axes/<name>/prompt with their ids."""
+        if self.prompt_ids is not None:
+            return  # fixed prompt axes are labelled when created
+        labels = self.file["axes"][name]["prompt"]
+        self._ensure_rows(labels, block[0].stop)
+        labels[block] = rows
+
+    def _ensure_rows(self, ds: h5py.Dataset, rows: int) -> None:
+        """Grow the prompt axis (axis 0: streamed prompts have no sweep) to hold `rows`."""
+        if self.prompt_ids is None and ds.shape[0] < rows:
+            ds.resize(rows, axis=0)
+
+    def _create_save(
+        self, name: str, data: np.ndarray, layout: SaveLayout, ragged: bool, torch_dtype: str
+    ) -> None:
+        n = len(self.lead)
+        token_axis = layout.token_axis
         own = data.shape[token_axis + 1 :]
-        axes = list(layout.leading_axes) + self._own_axes(own, layout)
-        maxshape = [None] + list(data.shape[1:])
+        axes = [*self._lead_dims(), *layout.leading_axes, *self._own_axes(own, layout)]
+        prompts = self._prompt_count(layout.prompts)
+        shape = (*self.lead, prompts, *data.shape[1:])
+        maxshape = [*self.lead, None if self.prompt_ids is None else prompts, *data.shape[1:]]
         if ragged:
-            maxshape[token_axis] = None
-        row_bytes = max(1, int(np.prod(data.shape[1:])) * data.dtype.itemsize)
-        chunks = (max(1, min(4096, _CHUNK_BYTES // row_bytes)),) + tuple(
-            max(1, d) for d in data.shape[1:]
-        )
+            maxshape[n + token_axis] = None
         fill = np.nan if data.dtype.kind == "f" else -1
         ds = self.file["saves"].create_dataset(
             name,
-            shape=(0,) + data.shape[1:],
+            shape=shape,
             maxshape=tuple(maxshape),
             dtype=data.dtype,
-            chunks=chunks,
+            chunks=_chunks(shape, data.dtype.itemsize, n),
             fillvalue=fill,
         )
         ds.attrs["axes"] = json.dumps(axes)
@@ -163,20 +320,21 @@ class OutputWriter:
         ds.attrs["ragged"] = ragged
         ds.attrs["fill_value"] = fill
         if ragged:
-            ds.attrs["lengths"] = f"/axes/{name}/length"
+            ds.attrs["lengths"] = f"/axes/{layout.name}/length"
         if name != layout.name:  # a companion dataset (topk indices) shares the save's axes
             return
         group = self.file["axes"].require_group(name)
-        group.create_dataset("prompt", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
+        self._prompt_labels(group, layout.prompts)
         if ragged:
-            # (prompt,) or, when generating, (prompt, step): real tokens per entry
+            # (sweep..., prompt) or, when generating, (sweep..., prompt, step): real tokens
             steps = () if layout.steps is None else (len(layout.steps),)
+            lead_max = (*self.lead, None if self.prompt_ids is None else prompts)
             group.create_dataset(
                 "length",
-                shape=(0, *steps),
-                maxshape=(None, *steps),
+                shape=(*self.lead, prompts, *steps),
+                maxshape=(*lead_max, *steps),
                 dtype=np.int32,
-                chunks=(1024, *steps),
+                chunks=_chunks((*self.lead, max(prompts, 1), *steps), 4, n),
             )
         if layout.steps is not None:
             group.create_dataset("step", data=np.array(layout.steps, dtype=np.int64))
@@ -184,6 +342,36 @@ class OutputWriter:
             group.create_dataset("layer", data=np.array(layout.sites, dtype=object), dtype=STR)
         if layout.tokens.kind == "list":
             group.create_dataset("token", data=np.array(layout.tokens.positions, dtype=np.int64))
+
+    def _create_metric(self, layout: MetricLayout) -> None:
+        prompts = self._prompt_count(layout.prompts)
+        dtype = np.dtype(layout.dtype)
+        fill = np.nan if dtype.kind == "f" else -1
+        shape = (*self.lead, prompts)
+        ds = self.file["metrics"].create_dataset(
+            layout.name,
+            shape=shape,
+            maxshape=(*self.lead, None if self.prompt_ids is None else prompts),
+            dtype=dtype,
+            chunks=_chunks(shape, dtype.itemsize, len(self.lead)),
+            fillvalue=fill,
+        )
+        ds.attrs["axes"] = json.dumps([*self._lead_dims(), "prompt"])
+        ds.attrs["metric"] = layout.name
+        ds.attrs["kind"] = layout.kind
+        ds.attrs["fill_value"] = fill
+        group = self.file.require_group("axes").require_group(layout.name)
+        self._prompt_labels(group, layout.prompts)
+
+    def _prompt_labels(self, group: h5py.Group, selected: tuple[str, ...] | None) -> None:
+        if self.prompt_ids is None:
+            group.create_dataset("prompt", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
+            return
+        labels = [p for p in self.prompt_ids if selected is None or p in selected]
+        group.create_dataset("prompt", data=np.array(labels, dtype=object), dtype=STR)
+
+    def _lead_dims(self) -> list[str]:
+        return list(self.sweep.dims) if self.sweep is not None else []
 
     def _own_axes(self, own: tuple[int, ...], layout: SaveLayout) -> list[str]:
         names = [f"dim{i}" for i in range(len(own))]
@@ -196,57 +384,175 @@ class OutputWriter:
                     break
         return names
 
-    def _append_axis(self, name: str, axis: str, values: Any, dtype: Any) -> None:
-        ds = self.file["axes"][name][axis]
-        n = ds.shape[0]
-        ds.resize(n + len(values), axis=0)
-        ds[n:] = values
+    def _create_sweep_group(self) -> None:
+        sweep = self.sweep
+        assert sweep is not None
+        group = self.file.create_group("sweep")
+        group.attrs["variables"] = json.dumps(list(sweep.coords))
+        group.attrs["dims"] = json.dumps(list(sweep.dims))
+        group.attrs["mode"] = sweep.mode
+        group.attrs["shape"] = json.dumps(list(sweep.shape))
+        n = sweep.size
+        if sweep.mode == "zip":
+            group.create_dataset("point", data=np.arange(n, dtype=np.int64))
+        for name, values in sweep.coords.items():
+            data, dtype = _coordinate(values)
+            group.create_dataset(name, data=data, dtype=dtype)
+        group.create_dataset("status", data=np.zeros(n, dtype=np.int8))
+        group["status"].attrs["meaning"] = "0 pending, 1 done, 2 failed"
+        group.create_dataset("error", data=np.array([""] * n, dtype=object), dtype=STR)
+        group.create_dataset("label", data=np.array(sweep.labels, dtype=object), dtype=STR)
+        group.create_dataset("spec_sha256", data=np.array(sweep.hashes, dtype=object), dtype=STR)
+
+    def _create_prompt_groups(self) -> None:
+        self._token_rows_group("prompts", ids=True)
+
+    def _token_rows_group(self, name: str, *, ids: bool = False) -> h5py.Group:
+        """A group of token rows: `input_ids` or `ids` padded with -1, `text`, `length`."""
+        group = self.file.create_group(name)
+        count = 0 if self.prompt_ids is None else len(self.prompt_ids)
+        lead = (*self.lead, count)
+        lead_max = (*self.lead, None if self.prompt_ids is None else count)
+        columns = (("id", STR),) if ids else ()
+        n = len(self.lead)
+        for column, dtype in (*columns, ("text", STR), ("length", np.int32)):
+            group.create_dataset(
+                column, shape=lead, maxshape=lead_max, dtype=dtype, chunks=_chunks(lead, 16, n)
+            )
+        tokens = group.create_dataset(
+            "input_ids" if ids else "ids",
+            shape=(*lead, 1),
+            maxshape=(*lead_max, None),
+            dtype=np.int64,
+            chunks=_chunks((*lead, 64), 8, n),
+            fillvalue=-1,
+        )
+        tokens.attrs["fill_value"] = -1
+        if self.sweep is not None:
+            for ds in group.values():
+                ds.attrs["axes"] = json.dumps([*self.sweep.dims, "prompt"])
+        return group
+
+    def _write_token_rows(
+        self,
+        group: h5py.Group,
+        dests: list[list[tuple[int, int]]],
+        rows: list[list[int]],
+        **columns: list[Any],
+    ) -> None:
+        """Write token rows (widening the padded matrix as needed) and their columns."""
+        tokens = group["input_ids" if "input_ids" in group else "ids"]
+        width = max(tokens.shape[-1], max((len(t) for t in rows), default=1))
+        if width > tokens.shape[-1]:
+            tokens.resize(width, axis=tokens.ndim - 1)
+        block = np.full((len(rows), width), -1, dtype=np.int64)
+        for row, toks in enumerate(rows):
+            block[row, : len(toks)] = toks
+        values = {**columns, "length": [len(t) for t in rows]}
+        for (start, stop), (point, slot) in _runs(dests):
+            where = self._dest(point, slot)
+            index = where[:-1] + (slice(where[-1], where[-1] + stop - start),)
+            for ds in (tokens, *(group[name] for name in values)):
+                self._ensure_rows(ds, slot + stop - start)
+            tokens[index] = block[start:stop]
+            for name, column in values.items():
+                group[name][index] = column[start:stop]
 
     def _finish_axes(self) -> None:
-        """Label every axis and attach the prompt/layer/token scales (HDF5 dimension scales)."""
-        for ds in self.file["saves"].values():
-            axes = json.loads(ds.attrs["axes"])
-            group = self.file["axes"].get(ds.attrs["save"])
-            for i, axis in enumerate(axes[: ds.ndim]):
-                ds.dims[i].label = axis
-                if group is not None and axis in group and group[axis].shape[0] == ds.shape[i]:
-                    scale = group[axis]
-                    if not scale.is_scale:
-                        scale.make_scale(axis)
-                    ds.dims[i].attach_scale(scale)
+        """Label every axis and attach the coordinate scales (HDF5 dimension scales)."""
+        sweep_scales = {}
+        if "sweep" in self.file and self.sweep is not None:
+            group = self.file["sweep"]
+            for dim in self.sweep.dims:
+                scale = group[dim]
+                if not scale.is_scale:
+                    scale.make_scale(dim)
+                sweep_scales[dim] = scale
+        for kind in ("saves", "metrics"):
+            for ds in self.file.get(kind, {}).values():
+                axes = json.loads(ds.attrs["axes"])
+                group = self.file["axes"].get(ds.attrs.get("save", ds.attrs.get("metric")))
+                for i, axis in enumerate(axes[: ds.ndim]):
+                    ds.dims[i].label = axis
+                    scale = sweep_scales.get(axis)
+                    if scale is None and group is not None and axis in group:
+                        scale = group[axis]
+                        if scale.ndim != 1 or scale.shape[0] != ds.shape[i]:
+                            continue
+                        if not scale.is_scale:
+                            scale.make_scale(axis)
+                    if scale is not None and not ds.dims[i]:
+                        ds.dims[i].attach_scale(scale)
 
 
-def _token_rows_group(file: h5py.File, name: str, *, ids: bool = False) -> h5py.Group:
-    """A group of token rows: `input_ids` or `ids` padded with -1, `text`, `length`."""
-    group = file.create_group(name)
-    columns = (("id", STR),) if ids else ()
-    for column, dtype in (*columns, ("text", STR), ("length", np.int32)):
-        group.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
-    tokens = group.create_dataset(
-        "input_ids" if ids else "ids",
-        shape=(0, 1),
-        maxshape=(None, None),
-        dtype=np.int64,
-        chunks=(256, 64),
-        fillvalue=-1,
-    )
-    tokens.attrs["fill_value"] = -1
-    return group
+def read_partial(path: Path) -> dict[str, Any] | None:
+    """What a partial sweep file holds: its spec, point hashes and statuses (None if none)."""
+    tmp = partial_path(Path(path))
+    if not tmp.is_file():
+        return None
+    try:
+        with h5py.File(tmp, "r") as f:
+            if "sweep" not in f:
+                return {"spec": str(f.attrs.get("spec", "")), "hashes": [], "status": []}
+            return {
+                "spec": str(f.attrs.get("spec", "")),
+                "hashes": [_str(h) for h in f["sweep/spec_sha256"][()]],
+                "status": f["sweep/status"][()].tolist(),
+            }
+    except OSError as e:
+        raise NnrunError(
+            f"cannot resume from {tmp}: the file is damaged ({e}); remove it to start over"
+        ) from None
 
 
-def _append_token_rows(group: h5py.Group, rows: list[list[int]], **columns: list[Any]) -> None:
-    """Append token rows (widening the padded matrix as needed) and their columns."""
-    tokens = group["input_ids" if "input_ids" in group else "ids"]
-    n, r = tokens.shape[0], len(rows)
-    width = max(tokens.shape[1], max((len(t) for t in rows), default=1))
-    tokens.resize((n + r, width))
-    block = np.full((r, width), -1, dtype=np.int64)
-    for row, toks in enumerate(rows):
-        block[row, : len(toks)] = toks
-    tokens[n : n + r] = block
-    for name, values in {**columns, "length": [len(t) for t in rows]}.items():
-        group[name].resize((n + r,))
-        group[name][n : n + r] = values
+def _runs(
+    targets: list[list[tuple[int, int]]],
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Group (row -> slots) into writes: ((row start, row stop), (point, first slot)).
+
+    Consecutive rows that go to consecutive slots of the same point become one
+    block write; a row written to several slots (shared by sweep points) is written
+    to each.
+    """
+    out: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    for row, slots in enumerate(targets):
+        for point, slot in slots:
+            if out and len(slots) == 1:
+                (start, stop), (p, s) = out[-1]
+                if stop == row and p == point and s + (stop - start) == slot:
+                    out[-1] = ((start, row + 1), (p, s))
+                    continue
+            out.append(((row, row + 1), (point, slot)))
+    return out
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int, lead: int) -> tuple[int, ...]:
+    """About 1 MiB chunks: whole trailing axes, then prompts, then sweep points.
+
+    Axes are filled from the prompt axis outwards (`lead` is its index) while the
+    chunk stays under the target; once an axis does not fit whole, outer ones get 1.
+    """
+    chunk = [max(1, d) for d in shape]
+    size = itemsize * math.prod(chunk[lead + 1 :])
+    whole = True
+    for axis in range(lead, -1, -1):
+        extent = shape[axis] if shape[axis] > 0 else 4096  # a growing axis: room to grow
+        take = max(1, min(extent, _CHUNK_BYTES // max(size, 1))) if whole else 1
+        chunk[axis] = take
+        size *= take
+        whole = whole and take >= extent
+    return tuple(chunk)
+
+
+def _coordinate(values: tuple[Any, ...]) -> tuple[np.ndarray, Any]:
+    """A sweep variable's values and HDF5 dtype: numbers stay numbers, the rest is text."""
+    if all(isinstance(v, bool) for v in values):
+        return np.array(values, dtype=bool), bool
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return np.array(values, dtype=np.int64), np.int64
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return np.array(values, dtype=np.float64), np.float64
+    return np.array([str(v) for v in values], dtype=object), STR
 
 
 def _to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
@@ -254,6 +560,10 @@ def _to_numpy(tensor: Any) -> tuple[np.ndarray, str]:
     if dtype == "bfloat16":  # HDF5 has no bfloat16: widen losslessly to float32
         tensor = tensor.float()
     return tensor.detach().cpu().numpy(), dtype
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _utc_now() -> str:
