@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 # Public name -> module that defines it, imported on first access.
 _LAZY = {
     "run": "nnrun.api",
+    "plot": "nnrun._plot",
+    "sweep_grid": "nnrun.store._grid",
     "clear_cache": "nnrun.api",
     "RunProgress": "nnrun.api",
     "plan": "nnrun.api",

@@ -84,6 +84,7 @@ def sweep_layout(spec: LoadedSpec) -> Any:
     points = spec.points()
     coords = {a.name: a.values for a in sweep.axes}
     return SweepLayout(
+        positions=position_variables(spec),
         dims=sweep.dims,
         shape=sweep.shape,
         mode=sweep.mode,
@@ -91,6 +92,32 @@ def sweep_layout(spec: LoadedSpec) -> Any:
         labels=tuple(p.label for p in points),
         hashes=tuple(point_sha256(p.data) for p in points),
     )
+
+
+def position_variables(spec: LoadedSpec) -> dict[str, str]:
+    """Sweep variables used as token positions -> the prompt whose tokens they count.
+
+    A variable in an edit's, save's or metric's `tokens:`/`token:` counts the tokens of
+    the one prompt that entry selects (else of the first prompt).
+    """
+    from nnrun.spec._substitute import referenced_names
+
+    data = spec.data
+    prompts = data.get("prompts")
+    first = next(iter(prompts), None) if isinstance(prompts, dict) else None
+    entries = [*(data.get("edits") or []), *(data.get("save") or {}).values()]
+    entries += list((data.get("metrics") or {}).values())
+    found: dict[str, str] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        used = referenced_names([entry.get("tokens"), entry.get("token")]) & spec.deferred
+        selected = entry.get("prompts")
+        prompt = selected[0] if isinstance(selected, list) and len(selected) == 1 else first
+        for name in used:
+            if prompt is not None:
+                found.setdefault(name, str(prompt))
+    return found
 
 
 def check_size(spec: LoadedSpec, yes: bool) -> None:

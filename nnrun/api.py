@@ -9,11 +9,12 @@ torch.Size([2, 30, 1, 576])
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nnrun._run import ProgressFn, RunProgress, clear_cache
+from nnrun.errors import NnrunError
 from nnrun.spec import LoadedSpec, check_spec
 from nnrun.store import Results, load
 
@@ -148,8 +149,23 @@ def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tu
 
 
 @dataclass
+class GroupReport:
+    """One group of sweep points that share forward passes."""
+
+    points: int  # points compiled into the group's plan
+    rows: int | None  # batch rows (None: prompts stream from a file)
+    batches: int | None
+    reason: str  # why the group is separate from the first ("" for the first)
+    failed: dict[str, str]  # point label -> compile error
+
+
+@dataclass
 class PlanReport:
-    """A compiled plan plus what `nnrun plan` shows about it."""
+    """A compiled plan plus what `nnrun plan` shows about it.
+
+    For a sweep, `plan` is the first group's packed plan and `groups` describes
+    every group; shapes and bytes cover the whole output file.
+    """
 
     plan: Any  # nnrun.compile.Plan
     prompt_count: int
@@ -157,6 +173,9 @@ class PlanReport:
     save_shapes: dict[str, tuple[int, ...]]  # estimated full dataset shape per save
     save_bytes: dict[str, int]
     model_name: str
+    groups: list[GroupReport] = field(default_factory=list)
+    metric_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    points: int = 1
 
 
 def plan(
@@ -169,19 +188,44 @@ def plan(
 
     The model is loaded (its module tree and a two-token probe pass fix the
     execution order and each site's shape), but none of the spec's prompts
-    go through it.
+    go through it. A sweep is compiled point by point and packed, group by group,
+    exactly as `run` would; points that do not compile are listed, not raised.
     """
     import math
 
     import torch
 
-    from nnrun.compile import compile_plan
+    from nnrun._run import SweepRunner
     from nnrun.engine import count_prompts, make_batch
     from nnrun.engine._apply import apply_steps
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
-    model = load_model_for(loaded, log)
-    compiled = compile_plan(loaded, model.model, model.tokenizer)
+    runner = SweepRunner(loaded, progress=None, log=log)
+    model = runner.first_model()
+    groups: list[GroupReport] = []
+    compiled = None
+    labels = {p.index: p.label for p in loaded.points()}
+    for index, group in enumerate(runner.groups):
+        before = dict(runner.state.failures)
+        packed, _ = runner.prepare(index)
+        compiled = compiled or packed
+        failed = {labels[i]: m for i, m in runner.state.failures.items() if i not in before}
+        rows = None if packed is None or packed.rows is None else len(packed.rows)
+        batch_size = int(group.points[0].data.get("batch_size", 8))
+        groups.append(
+            GroupReport(
+                points=0 if packed is None else len(packed.points),
+                rows=rows,
+                batches=None if rows is None else math.ceil(rows / batch_size),
+                reason=group.reason,
+                failed=failed,
+            )
+        )
+    if compiled is None:
+        raise NnrunError(
+            "no point of the sweep compiles: "
+            + "; ".join(f"{k}: {v}" for g in groups for k, v in list(g.failed.items())[:3])
+        )
     count = count_prompts(compiled.prompts)
     longest = 1
     if compiled.prompts.inline:
@@ -189,10 +233,13 @@ def plan(
             list(compiled.prompts.inline), model.tokenizer, torch.device("cpu"), left_pad=False
         )
         longest = batch.width
+    lead = loaded.sweep.shape if loaded.sweep is not None else ()
     modules = dict(model.model.named_modules())
     shapes: dict[str, tuple[int, ...]] = {}
     sizes: dict[str, int] = {}
     for layout in compiled.saves:
+        if layout.name in shapes:
+            continue  # another variant of the same dataset
         own = layout.value_shape or ()
         tokens = len(layout.tokens.positions) if layout.tokens.kind == "list" else longest
         sample = torch.zeros((1, 1, *own), dtype=model.model.dtype)
@@ -200,17 +247,24 @@ def plan(
             out = apply_steps(layout.apply, sample, modules)
         out = out["values"] if isinstance(out, dict) else out
         rows = len(layout.prompts) if layout.prompts is not None else count
-        shape = (rows,) + ((len(layout.sites),) if layout.layered else ()) + (tokens,)
+        shape = (*lead, rows) + ((len(layout.sites),) if layout.layered else ()) + (tokens,)
         shape += tuple(out.shape[2:])
         shapes[layout.name] = shape
         sizes[layout.name] = math.prod(shape) * out.element_size()
+    metric_shapes = {
+        m.name: (*lead, len(m.prompts) if m.prompts is not None else count)
+        for m in compiled.metrics
+    }
     return PlanReport(
         plan=compiled,
         prompt_count=count,
-        batches=math.ceil(count / compiled.batch_size),
+        batches=sum(g.batches or 0 for g in groups) or math.ceil(count / compiled.batch_size),
         save_shapes=shapes,
         save_bytes=sizes,
         model_name=model.info.name,
+        groups=groups,
+        metric_shapes=metric_shapes,
+        points=len(loaded.points()),
     )
 
 

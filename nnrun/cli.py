@@ -156,10 +156,15 @@ def validate(
 
     failed = 0
     for path in specs:
+        warnings = []
         try:
-            issues = validate_spec(load_spec(path, set_ or ()))
+            loaded = load_spec(path, set_ or ())
+            issues = validate_spec(loaded)
+            warnings = loaded.warnings
         except NnrunError as e:
             issues = getattr(e, "issues", None) or [str(e)]
+        for warning in warnings:
+            err_console.print(f"[yellow]warning[/yellow] {format_issue(warning)}", highlight=False)
         if not issues:
             console.print(f"[green]ok[/green] {path}")
             continue
@@ -192,31 +197,56 @@ def plan(
 
     report = api.plan(spec, set_ or (), log=_log)
     compiled = report.plan
+    rows = describe_plan(compiled)
     table = Table(title=f"plan for {spec} on {report.model_name}")
     for column in ("#", "site", "action", "prompts", "tokens", "steps"):
         table.add_column(column, no_wrap=column in ("#", "site"), overflow="fold")
-    for row in describe_plan(compiled):
+    for row in rows[:_MAX_PLAN_ROWS]:
         cells = (str(row.order), row.site, row.action, row.prompts, row.tokens, row.steps)
         table.add_row(*(escape(c) for c in cells))  # "[layer 0]" is text, not markup
     console.print(table)
+    if len(rows) > _MAX_PLAN_ROWS:
+        console.print(f"[dim]... and {len(rows) - _MAX_PLAN_ROWS} more actions[/dim]")
     layout = Table(title="output", show_header=True)
-    for column in ("save", "estimated shape", "estimated bytes"):
+    for column in ("dataset", "estimated shape", "estimated bytes"):
         layout.add_column(column)
     for name, shape in report.save_shapes.items():
-        layout.add_row(name, str(shape), f"{report.save_bytes[name]:,}")
+        layout.add_row(f"saves/{name}", str(shape), f"{report.save_bytes[name]:,}")
+    for name, shape in report.metric_shapes.items():
+        layout.add_row(f"metrics/{name}", str(shape), "")
     console.print(layout)
-    sources = (
-        f", plus source rows {', '.join(compiled.source_prompts)} in every batch"
-        if compiled.source_prompts
-        else ""
-    )
-    console.print(
-        f"{report.prompt_count} prompts in {report.batches} batch(es) of up to "
-        f"{compiled.batch_size}{sources}; {compiled.passes} forward pass per batch; "
-        f"about {sum(report.save_bytes.values()):,} bytes to {compiled.output}"
-    )
+    if report.points > 1:
+        groups = Table(title=f"sweep: {report.points} points in {len(report.groups)} group(s)")
+        for column in ("group", "points", "batch rows", "passes", "why separate"):
+            groups.add_column(column)
+        for i, group in enumerate(report.groups):
+            rows_text = "file" if group.rows is None else str(group.rows)
+            passes = "per file batch" if group.batches is None else str(group.batches)
+            groups.add_row(str(i), str(group.points), rows_text, passes, escape(group.reason))
+        console.print(groups)
+        for group in report.groups:
+            for label, error in group.failed.items():
+                console.print(f"[yellow]point {escape(label)} fails:[/yellow] {escape(error)}")
+        console.print(
+            "[dim]rows that do not depend on a sweep variable are shared by every point; "
+            "a batch also carries the source rows its edits read[/dim]"
+        )
+    else:
+        sources = (
+            f", plus source rows {', '.join(compiled.source_prompts)} in every batch"
+            if compiled.source_prompts
+            else ""
+        )
+        console.print(
+            f"{report.prompt_count} prompts in {report.batches} batch(es) of up to "
+            f"{compiled.batch_size}{sources}; {compiled.passes} forward pass per batch; "
+            f"about {sum(report.save_bytes.values()):,} bytes to {compiled.output}"
+        )
     for warning in compiled.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+_MAX_PLAN_ROWS = 80
 
 
 @app.command()
@@ -271,8 +301,38 @@ def show(
     ):
         if key in results.attrs:
             table.add_row(key, escape(str(results.attrs[key])))
+    points = results.points()
+    if points:
+        coords = results.coords()
+        table.add_row("sweep", escape(", ".join(f"{k} = {_short(v)}" for k, v in coords.items())))
+        counts = {s: sum(p["status"] == s for p in points) for s in ("done", "failed", "pending")}
+        table.add_row(
+            "points", ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(points)}"
+        )
     console.print(table)
     _print_summary(results)
+
+
+@app.command()
+def plot(
+    output: Annotated[Path, typer.Argument(help="An nnrun output file (.h5) of a sweep.")],
+    name: Annotated[str, typer.Argument(help="A metric or save in that file.")],
+    figure: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Picture to write (.png, .pdf, .svg)."),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="The prompt to show (default: the first one).")
+    ] = None,
+    reduce: Annotated[
+        str, typer.Option(help="How a save becomes one number: norm, mean, sum, max, min.")
+    ] = "norm",
+) -> None:
+    """Plot a sweep: a line for one sweep variable, a labelled heatmap for two."""
+    from nnrun import plot as draw
+
+    written = draw(output, name, figure, prompt=prompt, reduce=reduce)
+    console.print(f"wrote {written}")
 
 
 def _log(message: str) -> None:
@@ -287,7 +347,9 @@ def _print_summary(results) -> None:
         table.add_column(column)
     for name, row in api.describe_saves(results).items():
         table.add_row(escape(name), row["axes"], row["shape"], row["dtype"], f"{row['bytes']:,}")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    _print_metrics(results)
     generated = results.generation()
     if generated:
         gen = Table(title="generated")
@@ -305,8 +367,125 @@ def _print_summary(results) -> None:
         console.print(top)
 
 
+# Sweeps up to this many cells get a heatmap in the terminal; bigger ones only a file.
+_MAX_CELLS = 1200
+
+
+def _print_metrics(results) -> None:
+    """Metrics: a table per prompt without a sweep; a heatmap (or line) per metric with one."""
+    names = results.metric_names
+    if not names:
+        return
+    coords = results.coords()
+    if not coords:
+        table = Table(title="metrics")
+        table.add_column("prompt")
+        for name in names:
+            table.add_column(escape(name), justify="right")
+        prompts = {p for name in names for p in results.prompt_ids(name)}
+        for prompt in (p for p in results.prompts() if p in prompts):
+            cells = []
+            for name in names:
+                ids = results.prompt_ids(name)
+                cells.append(
+                    _number(results.metric(name)[ids.index(prompt)]) if prompt in ids else ""
+                )
+            table.add_row(escape(prompt), *cells)
+        console.print(table)
+        return
+    from nnrun.store._grid import sweep_grid
+
+    for name in names:
+        if len(coords) > 2:
+            console.print(
+                f"[dim]{name}: {len(coords)} sweep axes; `nnrun plot` and "
+                "`nnrun.load(...).metric(...)` read them[/dim]"
+            )
+            continue
+        for prompt in results.prompt_ids(name)[:2]:
+            grid = sweep_grid(results, name, prompt=prompt)
+            if grid.values.size > _MAX_CELLS:
+                console.print(
+                    f"[dim]{name} ({prompt}): {grid.values.size} points; "
+                    f"`nnrun plot {results.path} {name}` draws them[/dim]"
+                )
+                continue
+            console.print(_heatmap(grid))
+    failed = results.failed_points()
+    if failed:
+        table = Table(title=f"failed points ({len(failed)})")
+        table.add_column("point")
+        table.add_column("error")
+        for label, error in list(failed.items())[:20]:
+            table.add_row(escape(label), escape(error))
+        console.print(table)
+
+
+def _heatmap(grid) -> Table:
+    """A rich table whose cells are coloured by value (blue < 0 < red, or dark to bright)."""
+    import math
+
+    import numpy as np
+
+    values = np.atleast_2d(grid.values.astype(float))  # (rows, columns)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    signed = low < 0 < high
+    bound = max(abs(low), abs(high)) or 1.0
+
+    def style(v: float) -> str:
+        if not math.isfinite(v):
+            return "dim"
+        if signed:
+            t = min(1.0, abs(v) / bound)
+            shade = int(255 * (1 - t))
+            return (
+                f"black on rgb(255,{shade},{shade})"
+                if v > 0
+                else f"black on rgb({shade},{shade},255)"
+            )
+        t = (v - low) / (high - low) if high > low else 0.0
+        level = int(40 + 215 * t)
+        return f"black on rgb({level},{level},{int(255 - 0.6 * level)})"
+
+    y_name = grid.y.name if grid.y is not None else ""
+    table = Table(title=f"{grid.title} ({grid.prompt})", show_lines=False, padding=(0, 1))
+    table.add_column(escape(f"{y_name} \\ {grid.x.name}" if y_name else grid.x.name))
+    for tick in grid.x.ticks:
+        table.add_column(escape(tick), justify="right")
+    row_ticks = grid.y.ticks if grid.y is not None else [grid.name]
+    for tick, row in zip(row_ticks, values):
+        table.add_row(escape(tick), *(f"[{style(v)}]{_number(v)}[/]" for v in row))
+    return table
+
+
+def _short(values: list) -> str:
+    """A sweep variable's values, shortened: [0, 1, 2, ..., 29] (30 values)."""
+    if len(values) <= 8:
+        return str(values)
+    return f"[{', '.join(map(str, values[:3]))}, ..., {values[-1]}] ({len(values)} values)"
+
+
+def _number(value) -> str:
+    value = float(value)
+    if value != value:
+        return "nan"
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops a run like Ctrl-C: the output file is closed and left marked partial."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main() -> None:
     """Console entry point: user errors print as one line, exit 1."""
+    _stop_on_sigterm()
     try:
         code = app(standalone_mode=False)
     except NnrunError as e:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -45,6 +46,7 @@ OWN_SPECS = {
     "specs/ablation.yaml",
     "specs/steering-source.yaml",
     "specs/steering.yaml",
+    "specs/steering-sweep.yaml",
     "specs/nnsight-operations.yaml",
     "specs/nnsight-setting.yaml",
     "specs/nnsight-adhoc-module.yaml",
@@ -108,13 +110,16 @@ def test_specs_use_the_builtin_model_and_readme_lists_each() -> None:
         assert f"{path.name}" in readme, f"specs/README.md does not list {path.name}"
 
 
-def test_patching_layer_is_a_variable() -> None:
-    spec = load_spec(SPECS / "activation-patching.yaml", ["layer=5"])
+def test_patching_is_a_layer_by_position_sweep() -> None:
+    spec = load_spec(SPECS / "activation-patching.yaml")
     assert validate_spec(spec) == []
-    (edit,) = spec.data["edits"]
+    assert spec.sweep.dims == ("layer", "pos") and spec.sweep.shape == (30, 5)
+    one = load_spec(SPECS / "activation-patching.yaml", ["layer=5", "pos=3"])
+    (point,) = one.points()
+    (edit,) = point.data["edits"]
     assert edit["at"] == "model.layers.5.output"
-    assert edit["set"] == {"from": "clean"} and edit["tokens"] == [3]
-    assert spec.data["output"] == "runs/activation-patching-L5.h5"
+    assert edit["set"] == {"from": "clean"} and edit["tokens"] == 3
+    assert point.data["output"] == "runs/activation-patching.h5"
 
 
 # -- the tiny-Llama oracle ---------------------------------------------------------------
@@ -229,39 +234,45 @@ def test_logit_lens(tiny_llama: Path, plain: Plain, tiny_layers: int, tmp_path: 
     assert int(indices[-1, 0]) == int(r["logits"][0, 0].argmax())
 
 
-def test_activation_patching(tiny_llama: Path, plain: Plain, tmp_path: Path) -> None:
+def test_activation_patching(
+    tiny_llama: Path, plain: Plain, tiny_layers: int, tmp_path: Path
+) -> None:
+    """Every (layer, position) point's logit difference equals a hand-written patch."""
     spec = SPECS / "activation-patching.yaml"
     prompts = prompts_of(spec)
     # SmolLM2 adds no BOS, so the country is token 3; the tiny Llama prepends <s>: token 4.
-    pos = 4
-    country = [plain.tokenizer.decode([plain.ids(t)[pos]]) for t in prompts.values()]
+    length = len(plain.ids(prompts["clean"]))
+    country = [plain.tokenizer.decode([plain.ids(t)[4]]) for t in prompts.values()]
     assert country == [" France", " Germany"]
-    layer = 1
     r = on_tiny(
         tiny_llama,
         spec,
         tmp_path / "out.h5",
-        f"layer={layer}",
-        f"edits.0.tokens=[{pos}]",
-        f"save.site={{at: 'model.layers.${{layer}}.output', tokens: [{pos}]}}",
+        f"sweep.layer={{range: [0, {tiny_layers}]}}",
+        f"sweep.pos={{range: [0, {length}]}}",
     )
-    assert r.axes("logits") == ["prompt", "token", "vocab"]
-    assert r.prompt_ids("logits") == ["clean", "corrupt"]
-    site = by_prompt(r, "site")
-    assert torch.equal(site["corrupt"], site["clean"])  # the patched value is clean's, exactly
-    site_name = f"model.layers.{layer}"
-    clean_logits, clean_seen = plain.run(prompts["clean"], read=(site_name,))
+    assert r.axes("logit_diff") == ["layer", "pos", "prompt"]
+    assert r.prompt_ids("logit_diff") == ["corrupt"]
+    assert r.coords("logit_diff") == {"layer": list(range(tiny_layers)), "pos": list(range(length))}
+    paris, berlin = (
+        plain.tokenizer.encode(w, add_special_tokens=False)[0] for w in (" Paris", " Berlin")
+    )
+    sites = tuple(f"model.layers.{i}" for i in range(tiny_layers))
+    _, clean_seen = plain.run(prompts["clean"], read=sites)
     corrupt_logits, _ = plain.run(prompts["corrupt"])
+    moved = 0.0
+    for layer, site in enumerate(sites):
+        for pos in range(length):
 
-    def patch(h: torch.Tensor) -> torch.Tensor:
-        h[:, pos] = clean_seen[site_name][pos]
-        return h
+            def patch(h: torch.Tensor, site=site, pos=pos) -> torch.Tensor:
+                h[:, pos] = clean_seen[site][pos]
+                return h
 
-    patched_logits, _ = plain.run(prompts["corrupt"], edits={site_name: patch})
-    logits = by_prompt(r, "logits")
-    close(logits["clean"][0], clean_logits[-1])
-    close(logits["corrupt"][0], patched_logits[-1])
-    assert (patched_logits[-1] - corrupt_logits[-1]).abs().max() > 1e-3  # the patch mattered
+            logits, _ = plain.run(prompts["corrupt"], edits={site: patch})
+            want = logits[-1, paris] - logits[-1, berlin]
+            close(r.metric("logit_diff")[layer, pos, 0], want)
+            moved = max(moved, float((logits[-1] - corrupt_logits[-1]).abs().max()))
+    assert moved > 1e-3  # some patch mattered
 
 
 def test_ablation(tiny_llama: Path, plain: Plain, tmp_path: Path) -> None:
@@ -328,6 +339,39 @@ def test_steering_source(tiny_vector: Path, plain: Plain) -> None:
     for name in ("love", "hate"):
         for p, row in by_prompt(r, name).items():
             close(row[0], plain.run(prompts[p], read=(site,))[1][site][-1])
+
+
+def test_steering_sweep(tiny_llama: Path, tiny_vector: Path, plain: Plain, tmp_path: Path) -> None:
+    """Each coefficient's log-probabilities equal a hand-written hook adding alpha * v."""
+    spec = SPECS / "steering-sweep.yaml"
+    # " great" and " terrible" are several tokens for the tiny tokenizer; read two that are one.
+    r = on_tiny(
+        tiny_llama,
+        spec,
+        tmp_path / "out.h5",
+        "layer=1",
+        f"source={tiny_vector}",
+        "metrics.positive.logprob=' Paris'",
+        "metrics.negative.logprob=' Berlin'",
+    )
+    alphas = r.coords("positive")["alpha"]
+    assert alphas[0] == 0 and len(alphas) == 8
+    assert r.axes("positive") == ["alpha", "prompt"] and r.metric("positive").shape == (8, 1)
+    v = nnrun.load(tiny_vector)["vector"][0]  # (1, d)
+    (text,) = prompts_of(spec).values()
+    words = {
+        name: plain.tokenizer.encode(w, add_special_tokens=False)
+        for name, w in (("positive", " Paris"), ("negative", " Berlin"))
+    }
+    for i, alpha in enumerate(alphas):
+
+        def steer(h: torch.Tensor, alpha=alpha) -> torch.Tensor:
+            return h + alpha * v
+
+        logits = plain.run(text, edits={"model.layers.1": steer})[0][-1]
+        logprobs = torch.log_softmax(logits.double(), -1)
+        for name, ids in words.items():
+            close(r.metric(name)[i, 0], logprobs[ids[0]].float())
 
 
 def test_steering(tiny_llama: Path, tiny_vector: Path, plain: Plain, tmp_path: Path) -> None:
@@ -488,8 +532,7 @@ def test_recipe_spec_runs(name: str, tiny_llama: Path, tmp_path: Path) -> None:
 # name -> (spec, extra CLI arguments); each runs as `nnrun run SPEC -o <tmp>/<name>.h5`.
 REAL_RUNS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "logit-lens": (SPECS / "logit-lens.yaml", ()),
-    # -s layer=8 is also the default: this exercises the variable override from the CLI.
-    "activation-patching": (SPECS / "activation-patching.yaml", ("-s", "layer=8")),
+    "activation-patching": (SPECS / "activation-patching.yaml", ()),
     "ablation": (SPECS / "ablation.yaml", ()),
     "nnsight-operations": (SPECS / "nnsight-operations.yaml", ()),
     "nnsight-setting": (SPECS / "nnsight-setting.yaml", ()),
@@ -525,6 +568,8 @@ def real_runs(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         if first.returncode == 0:
             second = _cli(["run", str(SPECS / "steering.yaml")], work)
             done.append(("steering", second, work / "runs" / "steering.h5"))
+            third = _cli(["run", str(SPECS / "steering-sweep.yaml")], work)
+            done.append(("steering-sweep", third, work / "runs" / "steering-sweep.h5"))
         return done
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -575,21 +620,42 @@ def test_real_logit_lens(real_runs: dict[str, Any], smol_tokenizer: Any) -> None
 
 
 @pytest.mark.real
-def test_real_activation_patching(real_runs: dict[str, Any], smol_tokenizer: Any) -> None:
-    paris, berlin = token(smol_tokenizer, " Paris"), token(smol_tokenizer, " Berlin")
+def test_real_activation_patching(
+    real_runs: dict[str, Any], smol_tokenizer: Any, tmp_path: Path
+) -> None:
+    """The layer x position grid shows where the country travels, and plots as a heatmap."""
     r = real(real_runs, "activation-patching")
-    ids = r.prompts()
-    assert list(ids) == ["clean", "corrupt"]
+    assert r.prompts() == {
+        "clean": "The capital of France is",
+        "corrupt": "The capital of Germany is",
+    }
     with h5py.File(r.path) as f:
-        input_ids = f["prompts/input_ids"][()]
+        input_ids = f["prompts/input_ids"][0, 0]  # the first point's prompts
     # Token 3 is the country: SmolLM2 adds no BOS.
     assert smol_tokenizer.decode([int(input_ids[0, 3])]) == " France"
     assert smol_tokenizer.decode([int(input_ids[1, 3])]) == " Germany"
-    logits = by_prompt(r, "logits")
-    assert int(logits["clean"][0].argmax()) == paris
-    assert int(logits["corrupt"][0].argmax()) == paris  # layer 8 carries the country
-    assert float(logits["corrupt"][0, paris] - logits["corrupt"][0, berlin]) > 2
-    assert "at: model.layers.8.output" in r.attrs["spec"]  # the resolved spec is stored
+    grid = r.metric("logit_diff")[:, :, 0]  # (layer, pos)
+    assert grid.shape == (30, 5) and r.failed_points() == {}
+    # The first layer: only the country position moves the answer to " Paris";
+    # the last layer: only the last position does.
+    assert grid[0, 3] > 2 and (grid[0, [0, 1, 2, 4]] < 0).all()
+    assert grid[29, 4] > 2 and (grid[29, :4] < 0).all()
+    picture = tmp_path / "heatmap.png"
+    proc = _cli(["plot", str(r.path), "logit_diff", "-o", str(picture)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+    heatmap = nnrun.sweep_grid(r, "logit_diff")
+    assert heatmap.y.ticks[:2] == ["0", "1"] and heatmap.x.ticks[3] == "3 ' Germany'"
+
+
+@pytest.mark.real
+def test_real_steering_sweep(real_runs: dict[str, Any]) -> None:
+    r = real(real_runs, "steering-sweep")
+    alphas = r.coords("negative")["alpha"]
+    negative, positive = r.metric("negative")[:, 0], r.metric("positive")[:, 0]
+    assert alphas == [0, 0.25, 0.5, 1, 2, 4, 6, 8]
+    assert (np.diff(negative) < 0).all()  # " terrible" loses at every step
+    assert positive[alphas.index(0.5)] > positive[0] + 0.2  # " great" gains a little
 
 
 @pytest.mark.real

@@ -54,6 +54,12 @@ def resolve_location(
                 layered, chosen = True, children[segment.start : segment.stop]
             else:
                 chosen = _child(module, children, segment)
+                if chosen is None and isinstance(segment, int) and children:
+                    raise CompileError(
+                        f"{spec_path}: {_join(name, str(segment))} does not exist; "
+                        f"{name or 'the model'} has {len(children)} entries, "
+                        f"0..{len(children) - 1} (or -{len(children)}..-1 from the end)"
+                    )
                 if chosen is None:
                     wanted = _join(name, str(segment))
                     # Match the whole intended path too: model.layer.5 -> model.layers.5.

@@ -66,6 +66,8 @@ class BatchResult:
     generated_text: list[str] | None = None
     rows: list[str] = field(default_factory=list)  # row keys (= prompt_ids without a sweep)
     metrics: dict[str, MetricBatch] = field(default_factory=dict)
+    # Each prompt's tokens as text (inline prompts only): what `tokens:` positions mean.
+    token_texts: list[list[str]] | None = None
 
 
 class _BatchState:
@@ -223,6 +225,7 @@ class Engine:
             else [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated[:n]],
             rows=batch.ids[:n],
             metrics=metrics,
+            token_texts=None if self._rows is None else _token_texts(self.tokenizer, batch, n),
         )
 
     def _source_rows(self, chunk: list[PromptRow]) -> list[PromptRow]:
@@ -613,3 +616,11 @@ def _layout_rows(layout: Any) -> frozenset[str] | None:
     if layout.targets is not None:
         return frozenset(row for row, _ in layout.targets)
     return None if layout.prompts is None else frozenset(layout.prompts)
+
+
+def _token_texts(tokenizer: Any, batch: Batch, n: int) -> list[list[str]]:
+    """Each of the first `n` rows' tokens decoded one by one (" Paris", not "ĠParis")."""
+    return [
+        tokenizer.batch_decode([[t] for t in ids], clean_up_tokenization_spaces=False)
+        for ids in batch.token_ids[:n]
+    ]

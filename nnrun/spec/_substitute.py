@@ -99,13 +99,13 @@ class Substituter:
         return value
 
     def _undefined(self, name: str, path: str) -> None:
-        defined = sorted(self.raw)
+        defined = sorted({*self.raw, *self.deferred})
         message = f"undefined variable {name!r} (defined: {', '.join(defined) or 'none'})"
         close = difflib.get_close_matches(name, defined, n=1)
         if close:
             message += f"; did you mean {close[0]!r}?"
         elif not defined or name not in SCALAR_VARIABLES:
-            message += "; declare it under vars:"
+            message += "; declare it under vars: (one value) or sweep: (several)"
         self.issues.append(SpecIssue(path, message))
 
     def substitute(self, text: str, path: str) -> Any:

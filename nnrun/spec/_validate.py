@@ -131,6 +131,8 @@ def _sweep_issues(spec: LoadedSpec, skip: set[str]) -> list[tuple[str, str]]:
     base_issues = _data_issues(base, skip)
     found = [(p, m) for p, m in base_issues if not any(_related(p, leaf) for leaf in leaves)]
     for leaf, names in leaves.items():
+        if leaf in ("name", "output"):
+            continue  # one file per sweep: reported once by validate_spec
         by_value: dict[str, list[str]] = {}
         values: dict[str, Any] = {}
         for point in points:
@@ -172,6 +174,16 @@ def validate_spec(spec: LoadedSpec) -> list[SpecIssue]:
             for p, m in _data_issues(spec.data, skip)
             if not any(_related(p, leaf) for leaf in leaves)
         ]
+    for key in ("name", "output"):
+        used = _varying_leaves(spec.data.get(key), spec.deferred, key).get(key)
+        if used:
+            found.append(
+                (
+                    key,
+                    f"a sweep writes one file, so {key} cannot use the sweep variable "
+                    f"{', '.join(sorted(used))}; every point lands in that file",
+                )
+            )
     found = [(i.path, i.message) for i in spec.load_issues] + found
     source = str(spec.source) if spec.source is not None else None
     issues: list[SpecIssue] = []

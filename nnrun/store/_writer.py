@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,9 @@ class SweepLayout:
     coords: dict[str, tuple[Any, ...]]  # variable -> its values (zip: one per point)
     labels: tuple[str, ...]  # per point, "layer=3, pos=2"
     hashes: tuple[str, ...]  # per point, sha256 of its resolved spec
+    # Variables used as token positions -> the prompt whose tokens they count
+    # (so plots can label positions with token text).
+    positions: dict[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -169,6 +172,8 @@ class OutputWriter:
         self._write_token_rows(
             self.file["prompts"], dests, result.token_ids, id=result.prompt_ids, text=result.texts
         )
+        if result.token_texts is not None:
+            self._write_token_texts(dests, result.token_texts)
         if result.generated is not None:
             group = self.file.get("generation") or self._token_rows_group("generation")
             self._write_token_rows(group, dests, result.generated, text=result.generated_text or [])
@@ -398,6 +403,8 @@ class OutputWriter:
         for name, values in sweep.coords.items():
             data, dtype = _coordinate(values)
             group.create_dataset(name, data=data, dtype=dtype)
+            if name in sweep.positions:
+                group[name].attrs["tokens_of"] = sweep.positions[name]
         group.create_dataset("status", data=np.zeros(n, dtype=np.int8))
         group["status"].attrs["meaning"] = "0 pending, 1 done, 2 failed"
         group.create_dataset("error", data=np.array([""] * n, dtype=object), dtype=STR)
@@ -457,6 +464,29 @@ class OutputWriter:
             tokens[index] = block[start:stop]
             for name, column in values.items():
                 group[name][index] = column[start:stop]
+
+    def _write_token_texts(
+        self, dests: list[list[tuple[int, int]]], texts: list[list[str]]
+    ) -> None:
+        """/prompts/tokens: each prompt's tokens as text, padded with "" (inline prompts)."""
+        group = self.file["prompts"]
+        width = max((len(t) for t in texts), default=1)
+        if "tokens" not in group:
+            count = len(self.prompt_ids or ())
+            group.create_dataset(
+                "tokens",
+                shape=(*self.lead, count, width),
+                maxshape=(*self.lead, count, None),
+                dtype=STR,
+                chunks=_chunks((*self.lead, count, 64), 16, len(self.lead)),
+            )
+        ds = group["tokens"]
+        if width > ds.shape[-1]:
+            ds.resize(width, axis=ds.ndim - 1)
+        block = np.array([[*t, *[""] * (ds.shape[-1] - len(t))] for t in texts], dtype=object)
+        for (start, stop), (point, slot) in _runs(dests):
+            where = self._dest(point, slot)
+            ds[where[:-1] + (slice(where[-1], where[-1] + stop - start),)] = block[start:stop]
 
     def _finish_axes(self) -> None:
         """Label every axis and attach the coordinate scales (HDF5 dimension scales)."""
