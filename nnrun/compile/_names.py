@@ -293,24 +293,24 @@ def _final_norm(named: dict[str, nn.Module], layers: str | None) -> tuple[str | 
     siblings = list(named[parent_name].named_children())
     after = [n for n, _ in siblings[[n for n, _ in siblings].index(layers.split(".")[-1]) + 1 :]]
     norms = [
-        n
-        for n, m in siblings
-        if n in after and ("Norm" in type(m).__name__ or n in _NORM_NAMES)
+        n for n, m in siblings if n in after and ("Norm" in type(m).__name__ or n in _NORM_NAMES)
     ]
     if len(norms) == 1:
         return (f"{parent_name}.{norms[0]}" if parent_name else norms[0]), ""
     if norms:
         return None, f"several norms after the layers ({', '.join(norms)})"
     return None, (
-        f"no norm module after {layers} (post-norm models such as BERT normalise inside "
-        "each layer)"
+        f"no norm module after {layers} (post-norm models such as BERT normalise inside each layer)"
     )
 
 
 def _head(model: nn.Module, ids: dict[int, str], paths: dict) -> tuple[str | None, str]:
     out, reason = _embedding(model, ids, "get_output_embeddings")
     if out is None:
-        return None, f"{reason} (load it with a class that has one, model.class: AutoModelForCausalLM or AutoModelForMaskedLM)"
+        return (
+            None,
+            f"{reason} (load it with a class that has one, model.class: AutoModelForCausalLM or AutoModelForMaskedLM)",
+        )
     # A head may be more than its final projection (BERT's cls: transform, then decoder):
     # take the top-level module holding it, unless that also holds the layers.
     top = out.split(".")[0]

@@ -208,7 +208,8 @@ def _standard(text: str) -> Location:
     try:
         inner = parse_location(body)
     except ValueError as exc:  # the same grammar: name the location as written, '@' included
-        raise ValueError(str(exc).replace(repr(body), repr(text)).replace(f" {body}.", f" {text}."))
+        message = str(exc).replace(repr(body), repr(text)).replace(f" {body}.", f" {text}.")
+        raise ValueError(message) from None
     if inner.is_root:
         raise ValueError(
             f"{text!r}: the model's own {inner.port} is written without '@' ({inner.port})"
@@ -218,8 +219,7 @@ def _standard(text: str) -> Location:
     if head not in STANDARD_NAMES:
         hint = did_you_mean(f"@{head}", [f"@{n}" for n in STANDARD_NAMES])
         raise ValueError(
-            f"unknown standard name '@{head}' in {text!r}{hint}"
-            f" (standard names: {_STANDARD_FORMS})"
+            f"unknown standard name '@{head}' in {text!r}{hint} (standard names: {_STANDARD_FORMS})"
         )
     if head == "layers":
         if len(segments) < 2 or isinstance(segments[1], str):

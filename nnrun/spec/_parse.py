@@ -117,9 +117,7 @@ def _collect_lines(node: Node, path: str, lines: dict[str, int], seen: set[int])
             _collect_lines(item, child, lines, seen)
 
 
-def _yaml_error(
-    exc: yaml.YAMLError, source: str | None, what: str, text: str = ""
-) -> SpecError:
+def _yaml_error(exc: yaml.YAMLError, source: str | None, what: str, text: str = "") -> SpecError:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
@@ -127,7 +125,7 @@ def _yaml_error(
     at = getattr(mark, "index", -1)
     if 0 <= at < len(text) and text[at] == "@":
         # YAML reserves '@' at the start of a plain value; standard names start with it.
-        message += '; YAML cannot start a value with \'@\': quote it, e.g. at: "@layers.5.output"'
+        message += "; YAML cannot start a value with '@': quote it, e.g. at: \"@layers.5.output\""
     line = mark.line + 1 if mark is not None else None
     return SpecError([SpecIssue("", message, line, source)])
 
