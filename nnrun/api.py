@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def run(
     """
     from nnrun.compile import compile_plan
     from nnrun.engine import Engine, count_prompts
+    from nnrun.engine._batch import iter_prompt_meta
     from nnrun.store import OutputWriter, provenance
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
@@ -47,7 +49,10 @@ def run(
     attrs = provenance(plan.spec_text, plan.seed, model.info.as_attrs(), str(engine.device))
     total = count_prompts(plan.prompts)
     done = 0
-    with OutputWriter(plan.output, attrs, plan.saves, sizes=_model_sizes(model.model)) as out:
+    meta = partial(iter_prompt_meta, plan.prompts)  # extra JSONL fields -> /prompts/meta
+    with OutputWriter(
+        plan.output, attrs, plan.saves, sizes=_model_sizes(model.model), prompt_meta=meta
+    ) as out:
         for result in engine.run():
             out.write(result)
             done += len(result.prompt_ids)

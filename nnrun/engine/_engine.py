@@ -119,7 +119,7 @@ class Engine:
     def run(self) -> Iterator[BatchResult]:
         """Yield one BatchResult per micro-batch; hooks are removed afterwards."""
         torch.manual_seed(self.plan.seed)
-        prompts = iter_prompts(self.plan.prompts)
+        prompts = iter_prompts(self.plan.prompts, self.tokenizer)
         with self._hooks():
             while chunk := list(islice(prompts, self.plan.batch_size)):
                 yield self._run_batch(chunk)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
+
+from nnrun.store._meta import PromptMeta
+from nnrun.store._netcdf import add_netcdf_dimensions
 
 if TYPE_CHECKING:
     from nnrun.compile.plan import SaveLayout
@@ -44,6 +48,7 @@ class OutputWriter:
         attrs: dict[str, Any],
         layouts: tuple[SaveLayout, ...],
         sizes: dict[str, int] | None = None,
+        prompt_meta: Callable[[], Iterator[tuple[str, dict[str, Any]]]] | None = None,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
@@ -53,6 +58,8 @@ class OutputWriter:
         self.sizes = sizes or {}
         self.file: h5py.File | None = None
         self.prompt_count = 0
+        # Extra fields of a JSONL prompt file, kept under /prompts/meta (see _meta.py).
+        self.meta = PromptMeta(prompt_meta) if prompt_meta is not None else None
 
     def __enter__(self) -> OutputWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +81,8 @@ class OutputWriter:
             self.file["prompts"], result.token_ids, id=result.prompt_ids, text=result.texts
         )
         self.prompt_count += len(result.prompt_ids)
+        if self.meta is not None:
+            self.meta.append(self.file["prompts"], result.prompt_ids)
         if result.generated is not None:
             # Prompt ids label the rows: /generation rows follow /prompts rows.
             group = self.file.get("generation") or _token_rows_group(self.file, "generation")
@@ -171,13 +180,15 @@ class OutputWriter:
         if ragged:
             # (prompt,) or, when generating, (prompt, step): real tokens per entry
             steps = () if layout.steps is None else (len(layout.steps),)
-            group.create_dataset(
+            lengths = group.create_dataset(
                 "length",
                 shape=(0, *steps),
                 maxshape=(None, *steps),
                 dtype=np.int32,
                 chunks=(1024, *steps),
             )
+            for i, axis in enumerate(("prompt", "step")[: lengths.ndim]):
+                lengths.dims[i].label = axis
         if layout.steps is not None:
             group.create_dataset("step", data=np.array(layout.steps, dtype=np.int64))
         if layout.layered:
@@ -203,7 +214,11 @@ class OutputWriter:
         ds[n:] = values
 
     def _finish_axes(self) -> None:
-        """Label every axis and attach the prompt/layer/token scales (HDF5 dimension scales)."""
+        """Label every axis and attach the prompt/layer/token scales (HDF5 dimension scales).
+
+        Then every axis of every dataset gets a netCDF dimension, so the file opens
+        with xarray as it is (see _netcdf.py).
+        """
         for ds in self.file["saves"].values():
             axes = json.loads(ds.attrs["axes"])
             group = self.file["axes"].get(ds.attrs["save"])
@@ -214,6 +229,7 @@ class OutputWriter:
                     if not scale.is_scale:
                         scale.make_scale(axis)
                     ds.dims[i].attach_scale(scale)
+        add_netcdf_dimensions(self.file)
 
 
 def _token_rows_group(file: h5py.File, name: str, *, ids: bool = False) -> h5py.Group:
@@ -221,7 +237,8 @@ def _token_rows_group(file: h5py.File, name: str, *, ids: bool = False) -> h5py.
     group = file.create_group(name)
     columns = (("id", STR),) if ids else ()
     for column, dtype in (*columns, ("text", STR), ("length", np.int32)):
-        group.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        ds = group.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
+        ds.dims[0].label = "prompt"
     tokens = group.create_dataset(
         "input_ids" if ids else "ids",
         shape=(0, 1),
@@ -231,6 +248,7 @@ def _token_rows_group(file: h5py.File, name: str, *, ids: bool = False) -> h5py.
         fillvalue=-1,
     )
     tokens.attrs["fill_value"] = -1
+    tokens.dims[0].label, tokens.dims[1].label = "prompt", "position"
     return group
 
 
