@@ -328,3 +328,17 @@ def test_unquoted_standard_name_in_yaml_says_to_quote(tmp_path: Path) -> None:
         load_spec(spec)
     (issue,) = info.value.issues
     assert issue.line == 4 and 'quote it, e.g. at: "@layers.5.output"' in issue.message
+
+
+@pytest.mark.real
+def test_readme_spec_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The README's spec (standard names, tokens by text) patches " Paris" into place."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = load_spec(text, [f"output={tmp_path / 'readme.h5'}"])
+    assert validate_spec(spec) == []
+    results = nnrun.run(spec)
+    logits = dict(zip(results.prompt_ids("logits"), results["logits"]))
+    tokenizer = results.tokenizer()
+    assert tokenizer.decode([int(logits["corrupt"][0].argmax())]) == " Paris"
+    assert results["resid"].shape == (2, 30, 1, 576)

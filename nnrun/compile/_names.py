@@ -130,7 +130,11 @@ def expand_standard(location: Location, model: nn.Module, spec_path: str) -> tup
 
     `@layers.*.mlp.down_proj` on Llama -> ("model", "layers", *, "mlp", "down_proj").
     """
-    names = standard_names(model)
+    return expand_with(location, standard_names(model), spec_path)
+
+
+def expand_with(location: Location, names: StandardNames, spec_path: str) -> tuple:
+    """`expand_standard` with the names already known."""
     head, *rest = location.module_segments
 
     def real(name: str, shown: str) -> list:

@@ -27,21 +27,17 @@ def default_name(stem: str | None) -> str:
 
 
 def normalise_prompts(data: dict[str, Any], lines: dict[str, int]) -> None:
-    """A list of prompts (texts or chats) becomes a mapping p0, p1, ... (batch order kept).
+    """A list of prompt texts becomes a mapping p0, p1, ... (batch order kept).
 
     A list holding anything but strings is left alone so that validation reports it at
     the user's own path (``prompts[2]``)."""
     prompts = data.get("prompts")
-    if isinstance(prompts, list) and prompts and all(_is_prompt(p) for p in prompts):
+    if isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
         data["prompts"] = {f"p{i}": text for i, text in enumerate(prompts)}
         for i in range(len(prompts)):
             line = lines.get(join_path("prompts", i))
             if line is not None:
                 lines.setdefault(join_path("prompts", f"p{i}"), line)
-
-
-def _is_prompt(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, dict) and set(value) == {"chat"})
 
 
 def fill_defaults(data: dict[str, Any], stem: str | None) -> None:

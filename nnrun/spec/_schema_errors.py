@@ -36,6 +36,7 @@ _PATTERN_WORDS = {
 _EXPECTED = {
     "Value": "a number, a nested list of numbers, {from: PROMPT_ID} or {file: FILE.h5, dataset: NAME}",
     "Tensor": "a nested list of numbers",
+    "ChatPrompt": "{chat: [{role: user, content: TEXT}, ...]}",
     "PromptSelection": "'all' or a list of prompt ids such as [clean]",
     "Prompts": "a mapping id -> text, a list of texts, or {file: prompts.jsonl}",
     "ApplyOp": "a module path (model.norm), a named op (softmax, log_softmax, argmax, norm, mean, sum, float) or {topk: K}",
