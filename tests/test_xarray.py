@@ -141,3 +141,21 @@ def test_prompt_meta_from_jsonl(tiny_llama: Path, tmp_path: Path) -> None:
     assert "text" not in meta
     tree = xr.open_datatree(tmp_path / "out.h5", engine="h5netcdf")
     assert tree["prompts/meta"]["answer"].values.tolist() == meta["answer"]
+
+
+def test_netcdf_dimensions_follow_a_file_that_grew(spec_outputs: dict[str, Path], tmp_path) -> None:
+    # A resumed run reopens its file and closes it again: the dimensions are redone.
+    import shutil
+
+    from nnrun.store._netcdf import add_netcdf_dimensions
+
+    path = tmp_path / "grown.h5"
+    shutil.copy(spec_outputs["demo"], path)
+    with h5py.File(path, "a") as f:
+        logits = f["saves/logits"]
+        logits.resize(3, axis=0)
+        add_netcdf_dimensions(f)
+        assert not f.attrs.get("netcdf_error")
+    saves = xr.open_dataset(path, engine="h5netcdf", group="saves")
+    assert saves["logits"].shape[0] == 3 and saves["resid"].shape[0] == 2
+    assert saves["resid"].dims[0] == "prompt" and saves["logits"].dims[0] == "prompt.logits"

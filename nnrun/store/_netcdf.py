@@ -26,7 +26,12 @@ NOT_A_VARIABLE = "This is a netCDF dimension but not a netCDF variable."
 
 
 def add_netcdf_dimensions(file: h5py.File) -> None:
-    """Give every axis of every dataset a netCDF dimension (see the module docstring)."""
+    """Give every axis of every dataset a netCDF dimension (see the module docstring).
+
+    Safe to call again on a file that grew (a resumed run): earlier dimensions are
+    detached and replaced.
+    """
+    _remove_dimensions(file)
     uses: list[tuple[h5py.Dataset, int, str, int, str]] = []  # dataset, axis, label, size, owner
 
     def visit(path: str, obj: object) -> None:
@@ -67,6 +72,28 @@ def add_netcdf_dimensions(file: h5py.File) -> None:
             scale.make_scale(f"{NOT_A_VARIABLE}{size:10d}")
         # Attached last: netCDF readers take a dimension's last scale as its name.
         ds.dims[axis].attach_scale(file[name])
+
+
+def _remove_dimensions(file: h5py.File) -> None:
+    old = [k for k, v in file.items() if isinstance(v, h5py.Dataset) and _ours(v)]
+    if not old:
+        return
+
+    def detach(_: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and not obj.is_scale:
+            for axis in range(obj.ndim):
+                for scale in list(obj.dims[axis].values()):
+                    if scale.parent == file and _ours(scale):
+                        obj.dims[axis].detach_scale(scale)
+
+    file.visititems(detach)
+    for name in old:
+        del file[name]
+
+
+def _ours(ds: h5py.Dataset) -> bool:
+    name = ds.attrs.get("NAME", b"")
+    return ds.is_scale and NOT_A_VARIABLE in (name.decode() if isinstance(name, bytes) else name)
 
 
 def _is_dimension(obj: object, size: int) -> bool:

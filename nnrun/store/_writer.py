@@ -229,7 +229,10 @@ class OutputWriter:
                     if not scale.is_scale:
                         scale.make_scale(axis)
                     ds.dims[i].attach_scale(scale)
-        add_netcdf_dimensions(self.file)
+        try:
+            add_netcdf_dimensions(self.file)
+        except Exception as e:  # never let the xarray view cost the run its output
+            self.file.attrs["netcdf_error"] = f"{type(e).__name__}: {e}"
 
 
 def _token_rows_group(file: h5py.File, name: str, *, ids: bool = False) -> h5py.Group:
