@@ -83,7 +83,7 @@ def render(name: str, model: dict[str, Any] | None = None, names: Any = None) ->
         head, _, rest = text.partition("\n")
         note = f"# (from nnrun init for {names.model_class}: standard names written as its paths)"
         text = f"{head}\n{note}\n{rest}"
-        text = re.sub(r"([\"']?)(@[A-Za-z_][^\s\"',\]}]*)\1", lambda m: _real(m, names), text)
+        text = "".join(_real_paths(line, names) for line in text.splitlines(keepends=True))
     return text
 
 
@@ -127,6 +127,15 @@ def starter(model: dict[str, Any], names: Any, target: Path) -> str:
         ]
     lines += ["  logits:" if head else "  final:", "    at: output", "    tokens: [-1]"]
     return "\n".join(lines) + "\n"
+
+
+def _real_paths(line: str, names: Any) -> str:
+    """A spec line with its standard names written as real paths (comments left alone)."""
+    if line.lstrip().startswith("#"):
+        return line
+    code, hash_, comment = line.partition(" #")
+    code = re.sub(r"([\"']?)(@[A-Za-z_][^\s\"',\]}]*)\1", lambda m: _real(m, names), code)
+    return code + hash_ + comment
 
 
 def _real(match: re.Match[str], names: Any) -> str:
