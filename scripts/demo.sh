@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-# Keep the converted model checkpoint inside the (ignored) project cache.
-export NNRUN_CACHE=${NNRUN_CACHE:-$PWD/.cache/nnrun}
+# The converted model lives in nnrun's one cache ($NNRUN_CACHE, default ~/.cache/nnrun),
+# shared with a plain `nnrun run`, so the conversion happens once per machine.
 .venv/bin/nnrun run examples/demo.yaml "$@"

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-export NNRUN_CACHE=${NNRUN_CACHE:-$PWD/.cache/nnrun}
+# The builtin model is converted once into nnrun's cache ($NNRUN_CACHE, default
+# ~/.cache/nnrun), the same place `nnrun run` and scripts/demo.sh use.
 .venv/bin/python -m pytest "$@"

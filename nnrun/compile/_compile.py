@@ -28,7 +28,8 @@ from nnrun.compile.plan import (
     SiteActions,
 )
 from nnrun.errors import CompileError
-from nnrun.spec import LoadedSpec, parse_step_selection, parse_token_selection
+from nnrun.models._tokens import render_prompt
+from nnrun.spec import LoadedSpec, is_prompt_file, parse_step_selection, parse_token_selection
 from nnrun.spec._constants import METRIC_KINDS
 
 NAMED_OPS = ("softmax", "log_softmax", "argmax", "norm", "mean", "sum", "float")
@@ -170,7 +171,7 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
     if metric_actions:
         saves_at.setdefault(("", "output"), [])
         sources += [m.reference for m in metric_actions if m.reference is not None]
-    prompt_source = _prompt_source(data["prompts"])
+    prompt_source = _prompt_source(data["prompts"], tokenizer, bool(data.get("chat_template")))
     if sources and prompt_source.inline is None:
         raise CompileError(
             "edits read other prompts' values (from:, mean_ablate.over), which needs "
@@ -286,17 +287,22 @@ def _operand(
     return LiteralValue(data=value)
 
 
-def _prompt_source(prompts: Any) -> PromptSource:
-    # A lone prompt whose id happens to be "file" is still text: a file source
-    # has only the source keys.
-    if "file" in prompts and set(prompts) <= {"file", "field", "id_field", "limit"}:
+def _prompt_source(prompts: Any, tokenizer: Any, chat_template: bool) -> PromptSource:
+    if is_prompt_file(prompts):
         return PromptSource(
             file=prompts["file"],
             field=prompts.get("field") or "text",
             id_field=prompts.get("id_field"),
             limit=prompts.get("limit"),
+            chat_template=chat_template,
         )
-    return PromptSource(inline=tuple((str(k), str(v)) for k, v in prompts.items()))
+    # Chat prompts ({chat: [...]}, or every prompt with chat_template: true) become the
+    # text the model's chat template makes of them.
+    return PromptSource(
+        inline=tuple(
+            (str(k), render_prompt(str(k), v, tokenizer, chat_template)) for k, v in prompts.items()
+        )
+    )
 
 
 def _metrics(

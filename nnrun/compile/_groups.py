@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nnrun.spec import SweepPoint
+from nnrun.spec import SweepPoint, is_prompt_file
 
 # Spec keys that every row of a forward pass must agree on.
 SHARED_KEYS = ("model", "batch_size", "seed", "generate")
@@ -20,10 +20,6 @@ class PointGroup:
     points: tuple[SweepPoint, ...]
     model: dict[str, Any]
     reason: str = ""  # why these points are not packed with the first group ("" if first)
-
-
-def _is_file(prompts: Any) -> bool:
-    return isinstance(prompts, dict) and "file" in prompts
 
 
 def _key(data: dict[str, Any]) -> str:
@@ -59,7 +55,7 @@ def _alone_reason(data: dict[str, Any]) -> str:
     generate = data.get("generate") or {}
     if generate.get("do_sample"):
         return "sampled generation runs each point on its own, so its draws equal a run of that point alone"
-    if _is_file(data.get("prompts")):
+    if is_prompt_file(data.get("prompts")):
         return "prompts stream from a file, so each point streams it on its own"
     return ""
 

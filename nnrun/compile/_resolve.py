@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from nnrun.compile._names import expand_standard
 from nnrun.errors import CompileError
 from nnrun.spec import Location, SliceSel, Wildcard, parse_location
 
@@ -31,7 +32,8 @@ def resolve_location(
     """Expand a location into the sites it names, in module order.
 
     Returns the sites and whether the location had a wildcard or slice (a
-    layer axis). Raises CompileError naming the nearest real module paths when
+    layer axis). Standard names (`@layers.5.output`) are mapped onto this
+    model's modules first (see nnrun.compile._names). Raises CompileError naming the nearest real module paths when
     a segment does not exist.
 
     >>> resolve_location(model, "model.layers[0:2].output")   # doctest: +SKIP
@@ -41,10 +43,13 @@ def resolve_location(
         location: Location = parse_location(text)
     except ValueError as e:
         raise CompileError(f"{spec_path}: {e}") from None
+    segments = location.module_segments
+    if location.standard:  # @layers.5 -> model.layers.5 on this model
+        segments = expand_standard(location, model, spec_path)
     names = [""]  # dotted names reached so far
     modules = [model]
     layered = False
-    for depth, segment in enumerate(location.module_segments):
+    for depth, segment in enumerate(segments):
         next_names, next_modules = [], []
         for name, module in zip(names, modules):
             children = list(module.named_children())
@@ -63,7 +68,7 @@ def resolve_location(
                 if chosen is None:
                     wanted = _join(name, str(segment))
                     # Match the whole intended path too: model.layer.5 -> model.layers.5.
-                    rest = [_plain(s) for s in location.module_segments[depth + 1 :]]
+                    rest = [_plain(s) for s in segments[depth + 1 :]]
                     whole = ".".join([wanted, *rest])
                     raise CompileError(
                         f"{spec_path}: no module '{wanted}' in {type(model).__name__}"

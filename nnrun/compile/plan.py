@@ -251,6 +251,8 @@ class PromptSource:
     field: str = "text"
     id_field: str | None = None
     limit: int | None = None
+    # Render each text of a file through the tokenizer's chat template (one user turn).
+    chat_template: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nnrun.compile.plan import PromptSource
 from nnrun.errors import RunError
+from nnrun.models._tokens import render_prompt
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Batch:
     # The prompt id of each row (`ids` are row keys: a sweep's rows of one prompt
     # differ); noise is seeded by prompt id so that it does not depend on packing.
     prompts: list[str] | None = None
+    # The tokenizer that made the rows: `tokens: {find: TEXT}` searches a prompt with it.
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         if self.prompts is None:
@@ -57,11 +61,34 @@ class Batch:
         return inputs
 
 
-def iter_prompts(source: PromptSource) -> Iterator[tuple[str, str]]:
-    """Yield (id, text) pairs, streaming a file source line by line."""
+def iter_prompts(source: PromptSource, tokenizer: Any = None) -> Iterator[tuple[str, str]]:
+    """Yield (id, text) pairs, streaming a file source line by line.
+
+    With `chat_template: true` each text of a file goes through the tokenizer's chat
+    template as one user message (inline prompts were rendered by the compiler).
+    """
     if source.inline is not None:
         yield from source.inline
         return
+    for prompt_id, text, _ in _records(source):
+        if source.chat_template:
+            text = render_prompt(prompt_id, text, tokenizer, chat_template=True)
+        yield prompt_id, text
+
+
+def iter_prompt_meta(source: PromptSource) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (id, extra fields) per prompt of a JSONL file: every field but the text and id.
+
+    Inline prompts and .txt files have none. The writer keeps them under /prompts/meta.
+    """
+    if source.inline is not None or Path(source.file or "").suffix != ".jsonl":
+        return
+    for prompt_id, _, record in _records(source):
+        extra = {k: v for k, v in record.items() if k not in (source.field, source.id_field)}
+        yield prompt_id, extra
+
+
+def _records(source: PromptSource) -> Iterator[tuple[str, str, dict[str, Any]]]:
     path = Path(source.file or "")
     if not path.is_file():
         raise RunError(f"prompts.file: no such file '{path}'")
@@ -72,9 +99,9 @@ def iter_prompts(source: PromptSource) -> Iterator[tuple[str, str]]:
                 return
             if not line.strip():
                 continue
-            prompt_id, text = _parse_line(path, line_no, line, source)
+            prompt_id, text, record = _parse_line(path, line_no, line, source)
             count += 1
-            yield prompt_id, text
+            yield prompt_id, text, record
 
 
 def count_prompts(source: PromptSource) -> int:
@@ -86,9 +113,11 @@ def count_prompts(source: PromptSource) -> int:
     return n if source.limit is None else min(n, source.limit)
 
 
-def _parse_line(path: Path, line_no: int, line: str, source: PromptSource) -> tuple[str, str]:
+def _parse_line(
+    path: Path, line_no: int, line: str, source: PromptSource
+) -> tuple[str, str, dict[str, Any]]:
     if path.suffix != ".jsonl":
-        return str(line_no - 1), line.rstrip("\n")
+        return str(line_no - 1), line.rstrip("\n"), {}
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -96,7 +125,7 @@ def _parse_line(path: Path, line_no: int, line: str, source: PromptSource) -> tu
     if not isinstance(record, dict) or source.field not in record:
         raise RunError(f"{path}:{line_no}: no field '{source.field}' (set prompts.field)")
     prompt_id = record.get(source.id_field) if source.id_field else None
-    return str(line_no - 1 if prompt_id is None else prompt_id), str(record[source.field])
+    return str(line_no - 1 if prompt_id is None else prompt_id), str(record[source.field]), record
 
 
 def takes_position_ids(model: torch.nn.Module) -> bool:
@@ -150,4 +179,5 @@ def make_batch(
         offsets=torch.tensor(offsets, device=device),
         aux=aux or [False] * len(ids),
         prompts=prompt_ids,
+        tokenizer=tokenizer,
     )

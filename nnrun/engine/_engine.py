@@ -176,7 +176,8 @@ class Engine:
         torch.manual_seed(self.plan.seed)
         if self._rows is None:
             source: Iterator[PromptRow] = (
-                PromptRow(key, key, text) for key, text in iter_prompts(self.plan.prompts)
+                PromptRow(key, key, text)
+                for key, text in iter_prompts(self.plan.prompts, self.tokenizer)
             )
         else:
             wanted = None if rows is None else set(rows)

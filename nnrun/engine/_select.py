@@ -89,20 +89,26 @@ def token_index(
             continue
         if batch.aux[row] and not include_aux:
             continue
+        find = _finder(batch, row)
         try:
-            own = tokens.resolve(lengths[row])
+            own = tokens.resolve(lengths[row], find)
         except IndexError:
             raise RunError(
                 f"{what}: tokens {tokens} is beyond prompt '{prompt_id}', "
                 f"which has {lengths[row]} tokens (valid: 0..{lengths[row] - 1} or "
                 f"-{lengths[row]}..-1)"
             ) from None
+        except LookupError as e:
+            raise RunError(
+                f"{what}: tokens {tokens}: in prompt '{prompt_id}' "
+                f"({batch.texts[row]!r}), {e.args[0].removesuffix(' in the prompt')}"
+            ) from None
         rows.append(row)
         if step == 0:
             positions.append([offsets[row] + p for p in own])
             continue
         seen = lengths[row] + step  # tokens so far; the newest is being processed
-        newest = [p == seen - 1 for p in tokens.resolve(seen)]
+        newest = [p == seen - 1 for p in tokens.resolve(seen, find)]
         if tokens.kind == "list":
             positions.append([0 if is_new else None for is_new in newest])
         else:
@@ -126,3 +132,17 @@ def token_index(
         valid=torch.tensor(valid, device=device),
         ragged=ragged,
     )
+
+
+def _finder(batch: Batch, row: int):
+    """`find(text, occurrence)` over one prompt of the batch, for `tokens: {find: ...}`."""
+    from nnrun.models._tokens import find_tokens
+
+    def find(needle: str, occurrence: str | None) -> list[int]:
+        if batch.tokenizer is None:
+            raise LookupError("no tokenizer to search the prompt with")
+        return find_tokens(
+            batch.tokenizer, batch.texts[row], batch.token_ids[row], needle, occurrence
+        )
+
+    return find

@@ -59,6 +59,9 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
     info: ModelInfo
+    # Modules the class added whose weights were not in the checkpoint (randomly
+    # initialised), e.g. an LM head on an encoder-only checkpoint.
+    new_modules: tuple[str, ...] = ()
 
 
 def config_sha256(config: Any) -> str:

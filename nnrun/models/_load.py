@@ -39,6 +39,7 @@ def load_model(
     import torch
 
     source, name = _source_of(model_spec)
+    new_modules: tuple[str, ...] = ()
     cls_name = model_spec.get("class") or DEFAULT_CLASS
     cls = auto_class(str(cls_name))
     dtype = _torch_dtype(model_spec.get("dtype") or "float32")
@@ -85,9 +86,14 @@ def load_model(
         else:
             directory = _existing_dir(name)
         resolved = directory
-        model = _guarded(
-            cls.from_pretrained, str(directory), what=f"the model in {directory}", **kwargs
+        model, loading = _guarded(
+            cls.from_pretrained,
+            str(directory),
+            what=f"the model in {directory}",
+            output_loading_info=True,
+            **kwargs,
         )
+        new_modules = _new_modules(model, loading.get("missing_keys", ()))
         default_tok = partial(
             _guarded,
             _auto_tokenizer,
@@ -126,7 +132,60 @@ def load_model(
         dtype=str(getattr(model, "dtype", torch.float32)).removeprefix("torch."),
         device="device_map" if device is None else _actual_device(model, device),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    if new_modules and progress is not None:
+        progress(
+            f"{type(model).__name__} added {', '.join(new_modules)} with random weights "
+            f"(not in the checkpoint); model.class: AutoModel loads the model without them"
+        )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, new_modules=new_modules)
+
+
+def _new_modules(model: Any, missing: Any) -> tuple[str, ...]:
+    """What was missing from the checkpoint: the largest modules none of whose parameters
+    were there, then any other missing parameter."""
+    missing = set(missing)
+    if not missing:
+        return ()
+    found: list[str] = []
+    for name, module in model.named_modules():
+        params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
+        inside = any(name == f or name.startswith(f"{f}.") for f in found)
+        if params and not inside and all(p in missing for p in params):
+            found.append(name or "(model)")
+    rest = [p for p in sorted(missing) if not any(p.startswith(f"{f}.") for f in found)]
+    return tuple(found + rest)
+
+
+def load_tokenizer(model_spec: Mapping[str, Any]) -> Any:
+    """Only the tokenizer a spec's ``model:`` mapping names (for `nnrun tokens`).
+
+    Loads no weights; a builtin model must have been converted once (any run does it).
+    """
+    source, name = _source_of(model_spec)
+    trust = model_spec.get("trust_remote_code", False) is True
+    kwargs: dict[str, Any] = {"trust_remote_code": trust}
+    tok_name = model_spec.get("tokenizer")
+    if tok_name is not None:
+        tokenizer = _load_tokenizer(str(tok_name), kwargs)
+    elif source == "gguf":
+        file = _existing_file(name, "GGUF file")
+        tokenizer = _guarded(load_gguf_tokenizer, file, what=f"the tokenizer in {file}", **kwargs)
+    elif source == "id":
+        revision = model_spec.get("revision")
+        tokenizer = _from_hub(
+            _auto_tokenizer,
+            name,
+            None if revision is None else str(revision),
+            kwargs,
+            what="tokenizer",
+        )
+    else:
+        directory = builtin_checkpoint(name) if source == "builtin" else _existing_dir(name)
+        tokenizer = _guarded(
+            _auto_tokenizer, str(directory), what=f"the tokenizer in {directory}", **kwargs
+        )
+    _ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 # -- spec values ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ in well under half a second.
 
 from __future__ import annotations
 
+from ._defaults import is_prompt_file
 from ._issues import SpecError, SpecIssue, format_issue
 from ._load import LoadedSpec, load_spec
 from ._location import Location, SliceSel, Wildcard, parse_location
@@ -31,6 +32,7 @@ __all__ = [
     "check_spec",
     "format_issue",
     "format_path",
+    "is_prompt_file",
     "load_schema",
     "load_spec",
     "parse_location",

@@ -14,6 +14,7 @@ TOP_LEVEL_KEYS = (
     "batch_size",
     "output",
     "prompts",
+    "chat_template",
     "save",
     "edits",
     "metrics",

@@ -40,6 +40,15 @@ def normalise_prompts(data: dict[str, Any], lines: dict[str, int]) -> None:
                 lines.setdefault(join_path("prompts", f"p{i}"), line)
 
 
+PROMPT_FILE_KEYS = frozenset({"file", "field", "id_field", "limit"})
+
+
+def is_prompt_file(prompts: Any) -> bool:
+    """Whether `prompts:` names a file. A lone prompt whose id happens to be "file" is
+    still text: a file source has only the source keys."""
+    return isinstance(prompts, dict) and "file" in prompts and set(prompts) <= PROMPT_FILE_KEYS
+
+
 def fill_defaults(data: dict[str, Any], stem: str | None) -> None:
     """Fill defaults in place; containers of the wrong type are left for validation."""
     data.setdefault("name", default_name(stem))

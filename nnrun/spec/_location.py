@@ -3,7 +3,7 @@
 Only the syntax is checked here; whether the modules exist is the compiler's business
 (it reuses :func:`parse_location`). Grammar::
 
-    location  := [module '.'] port index*
+    location  := [['@'] module '.'] port index*
     module    := segment ('.' segment | '[' bracket ']')*
     segment   := identifier | digits | '*'
     bracket   := integer | '*' | [integer] ':' [integer]
@@ -11,6 +11,12 @@ Only the syntax is checked here; whether the modules exist is the compiler's bus
     index     := '[' integer ']'
 
 At most one wildcard or slice per location: it becomes one axis of the saved tensor.
+
+A leading ``@`` makes the first segment a *standard name* that the compiler maps onto
+each architecture's own modules (``@layers.5.output`` is ``model.layers.5.output`` on
+Llama and ``transformer.h.5.output`` on GPT-2): ``@layers`` followed by a layer index,
+wildcard or slice, then optionally ``attn`` or ``mlp``; or ``@embed``, ``@ln_final``,
+``@lm_head``. Real child names may follow (``@layers.3.mlp.down_proj.input``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ._messages import did_you_mean
+
 PORTS = ("output", "input")
+# Standard names (after '@'), mapped per architecture by nnrun.compile._names.
+STANDARD_NAMES = ("layers", "embed", "ln_final", "lm_head")
+LAYER_PARTS = ("attn", "mlp")  # standard names inside a layer: @layers.N.attn
 # Ports users may know from other tools; named in the message instead of "no port".
 _FUTURE_PORTS = ("grad",)
 
@@ -59,6 +70,8 @@ class Location:
     module_segments: tuple[Segment, ...]
     port: str
     indices: tuple[int, ...] = ()
+    # True for '@' locations: module_segments[0] is a standard name, not a module.
+    standard: bool = False
 
     @property
     def is_root(self) -> bool:
@@ -73,12 +86,12 @@ class Location:
     @property
     def module_path(self) -> str:
         """The module part in canonical form (``model.layers[*]``); ``""`` for the root."""
-        out = ""
+        out = "@" if self.standard else ""
         for seg in self.module_segments:
             if isinstance(seg, str):
-                out = f"{out}.{seg}" if out else seg
+                out = f"{out}.{seg}" if out.strip("@") else out + seg
             elif isinstance(seg, int) and seg >= 0:
-                out = f"{out}.{seg}" if out else str(seg)
+                out = f"{out}.{seg}" if out.strip("@") else out + str(seg)
             else:
                 out = f"{out}[{seg}]"
         return out
@@ -123,6 +136,8 @@ def parse_location(text: str) -> Location:
         raise ValueError("the location is empty; write e.g. model.layers.5.output")
     if any(c.isspace() for c in text):
         raise ValueError(f"{text!r} contains spaces; a location has none")
+    if text.startswith("@"):
+        return _standard(text)
 
     # Tokenise into ("name", str) for dotted segments and ("br", value) for brackets.
     tokens: list[tuple[str, object]] = []
@@ -180,3 +195,38 @@ def parse_location(text: str) -> Location:
     if sum(isinstance(s, Wildcard | SliceSel) for s in segments) > 1:
         raise ValueError(f"{text!r} has more than one wildcard or slice; at most one is allowed")
     return Location(tuple(segments), port, tuple(indices))
+
+
+_STANDARD_FORMS = "@layers.N, @layers.N.attn, @layers.N.mlp, @embed, @ln_final or @lm_head"
+
+
+def _standard(text: str) -> Location:
+    """Parse an '@' location: the grammar of a real path, checked against the standard names."""
+    body = text[1:]
+    if not body or body[0] in ".[":
+        raise ValueError(f"{text!r}: a standard name follows the '@' ({_STANDARD_FORMS})")
+    try:
+        inner = parse_location(body)
+    except ValueError as exc:  # the same grammar: name the location as written, '@' included
+        message = str(exc).replace(repr(body), repr(text)).replace(f" {body}.", f" {text}.")
+        raise ValueError(message) from None
+    if inner.is_root:
+        raise ValueError(
+            f"{text!r}: the model's own {inner.port} is written without '@' ({inner.port})"
+        )
+    segments = inner.module_segments
+    head = segments[0]
+    if head not in STANDARD_NAMES:
+        hint = did_you_mean(f"@{head}", [f"@{n}" for n in STANDARD_NAMES])
+        raise ValueError(
+            f"unknown standard name '@{head}' in {text!r}{hint} (standard names: {_STANDARD_FORMS})"
+        )
+    if head == "layers":
+        if len(segments) < 2 or isinstance(segments[1], str):
+            raise ValueError(
+                f"{text!r}: @layers needs a layer after it: @layers.5, @layers[-1], @layers.* "
+                "or @layers[0:4]"
+            )
+    elif any(isinstance(s, str) and s in LAYER_PARTS for s in segments[1:2]):
+        raise ValueError(f"{text!r}: attn and mlp are parts of a layer (@layers.N.{segments[1]})")
+    return Location(segments, inner.port, inner.indices, standard=True)

@@ -117,11 +117,15 @@ def _collect_lines(node: Node, path: str, lines: dict[str, int], seen: set[int])
             _collect_lines(item, child, lines, seen)
 
 
-def _yaml_error(exc: yaml.YAMLError, source: str | None, what: str) -> SpecError:
+def _yaml_error(exc: yaml.YAMLError, source: str | None, what: str, text: str = "") -> SpecError:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
     message = f"{what}: {problem}" + (f" ({context})" if context else "")
+    at = getattr(mark, "index", -1)
+    if 0 <= at < len(text) and text[at] == "@":
+        # YAML reserves '@' at the start of a plain value; standard names start with it.
+        message += "; YAML cannot start a value with '@': quote it, e.g. at: \"@layers.5.output\""
     line = mark.line + 1 if mark is not None else None
     return SpecError([SpecIssue("", message, line, source)])
 
@@ -148,7 +152,7 @@ def parse_yaml(text: str, source: str | None) -> tuple[Any, dict[str, int]]:
         _collect_lines(node, "", lines, set())
         data = loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, source, "invalid YAML") from None
+        raise _yaml_error(exc, source, "invalid YAML", text) from None
     except RecursionError:
         raise SpecError([SpecIssue("", "the spec is nested too deeply", None, source)]) from None
     finally:

@@ -26,9 +26,9 @@ _PATTERN_WORDS = {
     r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$": "is not a hub id; write org/name",
     r"\.[gG][gG][uU][fF]$": "is not a .gguf file name",
     r"^(auto|cpu|mps|cuda(:[0-9]+)?)$": "is not a device; use auto, cpu, mps, cuda or cuda:N",
-    r"^[A-Za-z_][A-Za-z0-9_]*(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)|\[-?[0-9]+\])*$": (
+    r"^@?[A-Za-z_][A-Za-z0-9_]*(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)|\[-?[0-9]+\])*$": (
         "is neither a named op (softmax, log_softmax, argmax, norm, mean, sum, float) "
-        "nor a module path like model.norm"
+        "nor a module path like model.norm or @ln_final"
     ),
 }
 
@@ -36,6 +36,7 @@ _PATTERN_WORDS = {
 _EXPECTED = {
     "Value": "a number, a nested list of numbers, {from: PROMPT_ID} or {file: FILE.h5, dataset: NAME}",
     "Tensor": "a nested list of numbers",
+    "ChatPrompt": "{chat: [{role: user, content: TEXT}, ...]}",
     "PromptSelection": "'all' or a list of prompt ids such as [clean]",
     "Prompts": "a mapping id -> text, a list of texts, or {file: prompts.jsonl}",
     "ApplyOp": "a module path (model.norm), a named op (softmax, log_softmax, argmax, norm, mean, sum, float) or {topk: K}",

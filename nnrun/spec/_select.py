@@ -1,13 +1,17 @@
 """Token and step selections: ``all``, an integer, a list of integers, or a ``"a:b"`` slice.
 
 Tokens are counted within each prompt's own tokens (so padding never shifts them) and
-steps within a generation (step 0 is the prompt pass). The compiler reuses these parsers;
-``resolve`` turns a selection into concrete indices once the length is known.
+steps within a generation (step 0 is the prompt pass). Tokens can also be chosen by
+text: ``{find: " France"}`` selects the tokens that cover that text in each prompt
+(``occurrence: first`` or ``last`` when it occurs more than once). The compiler reuses
+these parsers; ``resolve`` turns a selection into concrete indices once the length
+(and, for ``find``, the prompt) is known.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,19 +20,31 @@ from ._messages import show
 _SLICE = re.compile(r"(-?[0-9]*):(-?[0-9]*)\Z")
 
 
+OCCURRENCES = ("first", "last")
+
+
 @dataclass(frozen=True)
 class _Selection:
-    kind: Literal["all", "list", "slice"]
+    kind: Literal["all", "list", "slice", "find"]
     positions: tuple[int, ...] = ()
     start: int | None = None
     stop: int | None = None
+    text: str | None = None  # find: the text whose tokens are selected
+    occurrence: str | None = None  # find: "first", "last" or None (exactly one)
 
-    def resolve(self, length: int) -> list[int]:
+    def resolve(
+        self, length: int, find: Callable[[str, str | None], list[int]] | None = None
+    ) -> list[int]:
         """Concrete, non-negative indices into a sequence of ``length`` items.
 
         Negative positions count from the end; slices clip like Python slices; a listed
-        position outside the sequence raises IndexError.
+        position outside the sequence raises IndexError. A ``find`` selection needs
+        ``find(text, occurrence)``, which searches the prompt (LookupError if absent).
         """
+        if self.kind == "find":
+            if find is None:
+                raise ValueError("tokens: {find: ...} needs the prompt's text to resolve")
+            return [p for p in find(str(self.text), self.occurrence) if p < length]
         if self.kind == "all":
             return list(range(length))
         if self.kind == "slice":
@@ -42,6 +58,9 @@ class _Selection:
         return out
 
     def __str__(self) -> str:
+        if self.kind == "find":
+            extra = f", occurrence: {self.occurrence}" if self.occurrence else ""
+            return f"{{find: {self.text!r}{extra}}}"
         if self.kind == "all":
             return "all"
         if self.kind == "slice":
@@ -68,7 +87,8 @@ def _is_int(value: Any) -> bool:
 
 def _parse(value: Any, what: str, allow_negative: bool) -> tuple[str, tuple[int, ...], Any, Any]:
     expected = (
-        f"{what} must be 'all', an integer, a list of integers or a slice like '2:5'"
+        f"{what} must be 'all', an integer, a list of integers, a slice like '2:5' "
+        "or {find: TEXT}"
         if allow_negative
         else f"{what} must be 'all', an integer >= 0, a list of them or a slice like '1:4'"
     )
@@ -87,6 +107,8 @@ def _parse(value: Any, what: str, allow_negative: bool) -> tuple[str, tuple[int,
         if re.fullmatch(r"-?[0-9]+", text):
             raise ValueError(f"write {what} {text} as a number, not the string {value!r}")
         raise ValueError(f"{expected}; got {show(value)}")
+    if isinstance(value, dict) and allow_negative:
+        return _find(value)
     if _is_int(value):
         positions: tuple[int, ...] = (value,)
     elif isinstance(value, list):
@@ -112,9 +134,29 @@ def _parse(value: Any, what: str, allow_negative: bool) -> tuple[str, tuple[int,
     return "list", positions, None, None
 
 
+def _find(value: dict) -> tuple[str, tuple[int, ...], Any, Any]:
+    unknown = [k for k in value if k not in ("find", "occurrence")]
+    if unknown:
+        raise ValueError(
+            f"unknown key {unknown[0]!r} in tokens; a text selection is "
+            "{find: TEXT} with optional occurrence: first or last"
+        )
+    text = value.get("find")
+    if not isinstance(text, str) or not text:
+        raise ValueError(
+            f"tokens: find takes the text to look for, e.g. {{find: ' France'}}; got {show(text)}"
+        )
+    occurrence = value.get("occurrence")
+    if occurrence is not None and occurrence not in OCCURRENCES:
+        raise ValueError(f"tokens: occurrence is first or last, not {show(occurrence)}")
+    return "find", (), text, occurrence
+
+
 def parse_token_selection(value: Any) -> TokenSelection:
     """Parse a ``tokens:`` value; raises ValueError with a one-line message if malformed."""
     kind, positions, start, stop = _parse(value, "token", allow_negative=True)
+    if kind == "find":  # _find packs (text, occurrence) where a slice has (start, stop)
+        return TokenSelection("find", text=start, occurrence=stop)
     return TokenSelection(kind, positions, start, stop)  # type: ignore[arg-type]
 
 

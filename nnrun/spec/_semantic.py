@@ -53,6 +53,18 @@ class _Checker:
             except ValueError as exc:
                 self.add(path, str(exc))
 
+    def apply(self, ops: Any, path: str) -> None:
+        """Standard names among apply's modules (@ln_final, @lm_head) must be known ones."""
+        if not isinstance(ops, list):
+            return
+        for i, op in enumerate(ops):
+            where = join_path(path, i)
+            if isinstance(op, str) and op.startswith("@") and where not in self.covered:
+                try:
+                    parse_location(f"{op}.output")
+                except ValueError as exc:
+                    self.add(where, str(exc).replace(f"{op}.output", op))
+
     def prompt_id(self, value: Any, path: str) -> None:
         if self.ids is not None and isinstance(value, str) and value not in self.ids:
             message = f"unknown prompt {value!r}{did_you_mean(value, self.ids)}"
@@ -174,6 +186,7 @@ class _Checker:
                 continue
             base = join_path("save", name)
             self.location(save.get("at"), join_path(base, "at"))
+            self.apply(save.get("apply"), join_path(base, "apply"))
             self.prompt_ids(save.get("prompts"), join_path(base, "prompts"))
             self.tokens(save.get("tokens"), join_path(base, "tokens"))
             self.steps(save.get("steps"), join_path(base, "steps"))

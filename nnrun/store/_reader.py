@@ -71,6 +71,60 @@ class Results(Mapping[str, Any]):
     def prompt_ids(self, name: str) -> list[str]:
         return [_plain(v) for v in self._axis(name, "prompt")]
 
+    def labels(self, name: str, axis: str) -> list[Any] | None:
+        """The labels of one axis of a save (`layer` -> site names), as str / int; None if
+        the axis has none."""
+        values = self._axis(name, axis)
+        return None if values is None else [_plain(v) for v in values]
+
+    def prompt_meta(self) -> dict[str, list[Any]]:
+        """Extra fields of a JSONL prompt file, one value per prompt (see /prompts/meta)."""
+        out: dict[str, list[Any]] = {}
+        with h5py.File(self.path, "r") as f:
+            group = f.get("prompts/meta")
+            for field, ds in (group or {}).items():
+                values = [_plain(v) for v in ds[()]]
+                if ds.attrs.get("encoding") == "json":
+                    values = [json.loads(v) for v in values]
+                out[field] = values
+        return out
+
+    def tokenizer(self) -> Any:
+        """The run's tokenizer, loaded once from local files (never remote code)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from nnrun.models._tokens import offline_tokenizer
+
+            self._tokenizer = offline_tokenizer(self.attrs)
+        return self._tokenizer
+
+    def to_xarray(self, name: str, *, token_strings: bool = True) -> Any:
+        """A save or metric as an `xarray.DataArray` with named dimensions and coordinates.
+
+        A sweep's leading axes carry each variable's values as coordinates.
+
+        Coordinates: prompt ids, layer numbers (and the real `site` of each), steps,
+        token positions, and with `token_strings` each prompt's token at each position
+        (`token_str`, decoded with the run's tokenizer when it can be loaded locally).
+        Needs the `analysis` extra: pip install 'nnrun[analysis]'.
+        """
+        from nnrun.store._xarray import to_xarray
+
+        return to_xarray(self, name, token_strings=token_strings)
+
+    def metrics_frame(self) -> Any:
+        """Every metric as a pandas DataFrame, one row per sweep point and prompt.
+
+        Columns: the sweep variables, `prompt`, then one column per metric.
+        Needs the `analysis` extra: pip install 'nnrun[analysis]'.
+
+        >>> nnrun.load("runs/activation-patching.h5").metrics_frame().head()  # doctest: +SKIP
+           layer  pos   prompt  logit_diff
+        0      0    0  corrupt   -4.78...
+        """
+        from nnrun.store._xarray import metrics_frame
+
+        return metrics_frame(self)
+
     def lengths(self, name: str) -> np.ndarray | None:
         """Real tokens per row for a ragged token axis, else None."""
         values = self._axis(name, "length")

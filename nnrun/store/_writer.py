@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,8 @@ import h5py
 import numpy as np
 
 from nnrun.errors import NnrunError
+from nnrun.store._meta import PromptMeta
+from nnrun.store._netcdf import add_netcdf_dimensions
 
 if TYPE_CHECKING:
     from nnrun.compile.plan import MetricLayout, Plan, SaveLayout
@@ -84,6 +87,7 @@ class OutputWriter:
         prompt_ids: tuple[str, ...] | None = None,
         sweep: SweepLayout | None = None,
         resume: bool = False,
+        prompt_meta: Callable[[], Iterator[tuple[str, dict[str, Any]]]] | None = None,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
@@ -99,7 +103,13 @@ class OutputWriter:
         self.metrics: dict[str, MetricLayout] = {}
         self.prompt_targets: dict[str, list[tuple[int, int]]] = {}
         self.done: set[int] = set()  # points already written (from a resumed file)
-        self.appended = 0  # prompts written in append mode
+        # Streamed prompts (prompt_ids None): the point being written and, per dataset,
+        # how many of its rows that point has written so far.
+        self.point = 0
+        self.appended: dict[str, int] = {}
+        # Extra fields of a JSONL prompt file, kept under /prompts/meta (see _meta.py);
+        # a sweep streams the same file for every point, so they are kept once.
+        self.meta = PromptMeta(prompt_meta) if prompt_meta is not None and sweep is None else None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -128,7 +138,7 @@ class OutputWriter:
         assert self.file is not None
         try:
             self._finish_axes()
-            count = len(self.prompt_ids) if self.prompt_ids is not None else self.appended
+            count = len(self.prompt_ids or ()) or self.appended.get("prompts", 0)
             self.file.attrs["prompt_count"] = count
             self.file.attrs["finished_utc"] = _utc_now()
             if exc_type is None:
@@ -149,6 +159,8 @@ class OutputWriter:
         for metric in plan.metrics:
             self.metrics[metric.variant] = metric
         if plan.rows is None or self.prompt_ids is None:
+            self.point = plan.points[0].index if plan.points else 0
+            self.appended = {}
             return
         slot = {prompt: i for i, prompt in enumerate(self.prompt_ids)}
         for point in plan.points:
@@ -164,14 +176,14 @@ class OutputWriter:
         assert self.file is not None
         rows = result.rows or result.prompt_ids
         if self.prompt_ids is None:
-            first = self.appended
-            self.appended += len(rows)
-            dests = [[(0, first + i)] for i in range(len(rows))]
+            dests = self._append("prompts", len(rows))
         else:
             dests = [self.prompt_targets[row] for row in rows]
         self._write_token_rows(
             self.file["prompts"], dests, result.token_ids, id=result.prompt_ids, text=result.texts
         )
+        if self.meta is not None:
+            self.meta.append(self.file["prompts"], result.prompt_ids)
         if result.token_texts is not None:
             self._write_token_texts(dests, result.token_texts)
         if result.generated is not None:
@@ -206,12 +218,15 @@ class OutputWriter:
 
     def _targets(self, layout: Any, rows: list[str]) -> list[list[tuple[int, int]]]:
         if layout.targets is None:  # streamed prompts: rows go after the ones written
-            group = self.file.get("metrics" if layout.name in self._metric_names() else "saves")
-            ds = None if group is None else group.get(layout.name)
-            start = 0 if ds is None else int(ds.shape[0])
-            return [[(0, start + i)] for i in range(len(rows))]
+            return self._append(layout.name, len(rows))
         table = dict(layout.targets)
         return [list(table[row]) for row in rows]
+
+    def _append(self, name: str, count: int) -> list[list[tuple[int, int]]]:
+        """Slots for `count` more streamed rows of `name` at the current point."""
+        start = self.appended.get(name, 0)
+        self.appended[name] = start + count
+        return [[(self.point, start + i)] for i in range(count)]
 
     def _metric_names(self) -> set[str]:
         return {m.name for m in self.metrics.values()}
@@ -288,9 +303,12 @@ class OutputWriter:
         labels[block] = rows
 
     def _ensure_rows(self, ds: h5py.Dataset, rows: int) -> None:
-        """Grow the prompt axis (axis 0: streamed prompts have no sweep) to hold `rows`."""
-        if self.prompt_ids is None and ds.shape[0] < rows:
-            ds.resize(rows, axis=0)
+        """Grow the prompt axis of a dataset (streamed prompts only) to hold `rows`."""
+        if self.prompt_ids is not None:
+            return  # a fixed prompt axis, laid out in full when created
+        axis = len(self.lead) if ds.ndim > len(self.lead) else 0  # /axes/<name>/prompt: 0
+        if ds.shape[axis] < rows:
+            ds.resize(rows, axis=axis)
 
     def _create_save(
         self, name: str, data: np.ndarray, layout: SaveLayout, ragged: bool, torch_dtype: str
@@ -334,13 +352,15 @@ class OutputWriter:
             # (sweep..., prompt) or, when generating, (sweep..., prompt, step): real tokens
             steps = () if layout.steps is None else (len(layout.steps),)
             lead_max = (*self.lead, None if self.prompt_ids is None else prompts)
-            group.create_dataset(
+            lengths = group.create_dataset(
                 "length",
                 shape=(*self.lead, prompts, *steps),
                 maxshape=(*lead_max, *steps),
                 dtype=np.int32,
                 chunks=_chunks((*self.lead, max(prompts, 1), *steps), 4, n),
             )
+            for i, axis in enumerate([*self._lead_dims(), "prompt", "step"][: lengths.ndim]):
+                lengths.dims[i].label = axis
         if layout.steps is not None:
             group.create_dataset("step", data=np.array(layout.steps, dtype=np.int64))
         if layout.layered:
@@ -435,8 +455,10 @@ class OutputWriter:
             fillvalue=-1,
         )
         tokens.attrs["fill_value"] = -1
-        if self.sweep is not None:
-            for ds in group.values():
+        for ds in group.values():
+            for i, axis in enumerate([*self._lead_dims(), "prompt", "position"][: ds.ndim]):
+                ds.dims[i].label = axis
+            if self.sweep is not None:
                 ds.attrs["axes"] = json.dumps([*self.sweep.dims, "prompt"])
         return group
 
@@ -480,6 +502,8 @@ class OutputWriter:
                 dtype=STR,
                 chunks=_chunks((*self.lead, count, 64), 16, len(self.lead)),
             )
+            for i, axis in enumerate([*self._lead_dims(), "prompt", "position"]):
+                group["tokens"].dims[i].label = axis
         ds = group["tokens"]
         if width > ds.shape[-1]:
             ds.resize(width, axis=ds.ndim - 1)
@@ -489,7 +513,11 @@ class OutputWriter:
             ds[where[:-1] + (slice(where[-1], where[-1] + stop - start),)] = block[start:stop]
 
     def _finish_axes(self) -> None:
-        """Label every axis and attach the coordinate scales (HDF5 dimension scales)."""
+        """Label every axis and attach the coordinate scales (HDF5 dimension scales).
+
+        Then every axis of every dataset gets a netCDF dimension, so the file opens
+        with xarray as it is (see _netcdf.py).
+        """
         sweep_scales = {}
         if "sweep" in self.file and self.sweep is not None:
             group = self.file["sweep"]
@@ -513,6 +541,10 @@ class OutputWriter:
                             scale.make_scale(axis)
                     if scale is not None and not ds.dims[i]:
                         ds.dims[i].attach_scale(scale)
+        try:
+            add_netcdf_dimensions(self.file)
+        except Exception as e:  # never let the xarray view cost the run its output
+            self.file.attrs["netcdf_error"] = f"{type(e).__name__}: {e}"
 
 
 def read_partial(path: Path) -> dict[str, Any] | None:
