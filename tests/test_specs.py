@@ -500,6 +500,12 @@ def _check_recipe(name: str, r: nnrun.Results) -> None:
     elif name == "invokes":
         assert r["last"].shape[:2] == (2, 1) and r.prompt_ids("eiffel_only") == ["eiffel"]
         assert torch.equal(r["eiffel_only"][0], r["last"][0])
+    elif name == "patching-sweep":
+        # The tiny Llama has 3 layers: those points run, the other 27 fail and say why.
+        assert r.metric("p_paris").shape == (30, 1)
+        assert np.isfinite(r.metric("p_paris")[:3]).all()
+        failed = r.failed_points()
+        assert len(failed) == 27 and "model.layers.3 does not exist" in failed["layer=3"]
     elif name == "cross-prompt":
         with h5py.File(r.path) as f:
             ids = f["generation/ids"][()]
@@ -514,6 +520,7 @@ def test_recipes_page_has_the_readme_examples() -> None:
         "adhoc-module",
         "invokes",
         "cross-prompt",
+        "patching-sweep",
     }
 
 
@@ -522,7 +529,7 @@ def test_recipe_spec_runs(name: str, tiny_llama: Path, tmp_path: Path) -> None:
     spec = recipe_specs()[name]
     assert validate_spec(load_spec(spec)) == []
     r = on_tiny(tiny_llama, spec, tmp_path / "out.h5")
-    assert len(r) >= 1 or name == "cross-prompt"
+    assert len(r) >= 1 or r.metric_names or name == "cross-prompt"
     _check_recipe(name, r)
 
 
