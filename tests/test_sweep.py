@@ -660,3 +660,58 @@ def test_sweep_results_as_labelled_arrays(tiny_llama: Path, tmp_path: Path) -> N
     row = frame[(frame.layer == 2) & (frame.pos == -1) & (frame.prompt == "corrupt")]
     assert float(row["ld"].iloc[0]) == pytest.approx(float(results.metric("ld")[2, 2, 0]))
     assert np.isnan(frame[frame.prompt == "love"]["ld"]).all()  # ld reads only corrupt
+
+
+@pytest.mark.real
+def test_packed_sweep_equals_each_point_alone_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
+    """Layer x position patching plus steering on SmolLM2: packed rows vs points alone.
+
+    Batched and single-prompt fp32 SmolLM2 differ by about 5e-6 relative (residuals
+    reach several hundred), so values are compared relative to their scale; argmaxes
+    of the saved logits must be identical.
+    """
+    spec = sweep_spec(smollm2_dir, batch_size=8)
+    spec["model"] = {"path": str(smollm2_dir)}
+    spec["sweep"] = {"layer": [3, 9], "pos": [3, -1]}
+    spec["edits"][1]["at"] = "@layers.${layer}.mlp.output"
+    out = tmp_path / "smol.h5"
+    packed = nnrun.run(spec, output=out)
+    assert packed.failed_points() == {}
+    for point in check_spec(spec).points():
+        alone = nnrun.run({**point.data, "output": str(tmp_path / f"p{point.index}.h5")})
+        for name in packed:
+            a, b = packed.array(name)[point.coords], alone.array(name)
+            scale = float(np.abs(b).max())
+            assert float(np.abs(a - b).max()) <= 1e-4 * scale + 1e-5, (name, point.label)
+        np.testing.assert_array_equal(
+            packed.array("logits")[point.coords].argmax(-1), alone.array("logits").argmax(-1)
+        )
+        for name in packed.metric_names:
+            a, b = packed.metric(name)[point.coords], alone.metric(name)
+            if name == "rank":
+                np.testing.assert_array_equal(a, b)
+                continue
+            assert np.allclose(a, b, rtol=1e-4, atol=1e-5), (name, point.label, a, b)
+
+
+def test_each_model_loads_once_however_the_sweep_is_ordered(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nnrun.models as models
+
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    nnrun.clear_cache()
+    spec = {
+        "nnrun": 1,
+        "model": {"path": str(tiny_llama), "dtype": "${dtype}"},
+        "prompts": {"a": "The capital of France is"},
+        # the generation length changes fastest across groups, the model slowest
+        "sweep": {"n": [1, 2], "dtype": ["float32", "float64"]},
+        "generate": {"max_new_tokens": "${n}"},
+        "metrics": {"p": {"prob": " Paris"}},
+    }
+    results = nnrun.run(spec, output=tmp_path / "o.h5")
+    assert results.failed_points() == {} and len(loads) == 2
+    nnrun.clear_cache()

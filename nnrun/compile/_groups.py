@@ -26,6 +26,10 @@ def _key(data: dict[str, Any]) -> str:
     return json.dumps({k: data.get(k) for k in SHARED_KEYS}, sort_keys=True, default=str)
 
 
+def _model_key(data: dict[str, Any]) -> str:
+    return json.dumps(data.get("model"), sort_keys=True, default=str)
+
+
 def group_points(points: Sequence[SweepPoint]) -> list[PointGroup]:
     """Split points into groups that can be packed into the same batches.
 
@@ -41,8 +45,14 @@ def group_points(points: Sequence[SweepPoint]) -> list[PointGroup]:
     for point in points:
         key = f"{point.index}" if alone else _key(point.data)
         groups.setdefault(key, []).append(point)
-    out = []
+    # Groups on the same model run one after another, so each model loads once even
+    # when the sweep varies something else faster than the model.
+    model_order: dict[str, int] = {}
     for members in groups.values():
+        model_order.setdefault(_model_key(members[0].data), len(model_order))
+    ordered = sorted(groups.values(), key=lambda m: model_order[_model_key(m[0].data)])
+    out = []
+    for members in ordered:
         data = members[0].data
         reason = ""
         if members[0] is not points[0]:
