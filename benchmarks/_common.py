@@ -36,19 +36,27 @@ def versions() -> str:
     )
 
 
-def timed(contenders: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
+def timed(
+    contenders: dict[str, Callable[[], Any]],
+    runs: int,
+    cpu: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each contender, `runs` rounds after one warm-up call each.
 
     Rounds interleave the contenders, so a slow spell of the machine hits them alike.
+    With `cpu`, the process's CPU seconds per call are filled in too: on a machine
+    shared with other work they move far less than wall-clock time.
     """
     for fn in contenders.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(runs):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - start_cpu)
     return times
 
 

@@ -180,17 +180,24 @@ def main() -> None:
         f"P(' Paris') per layer agrees (1e-4); layer 0: {reference[0]:.3f}, layer 29: {reference[-1]:.3f}"
     )
 
-    medians = {}
-    for name, times in timed(contenders, args.runs).items():
+    medians, cpu_medians = {}, {}
+    cpu: dict[str, list[float]] = {}
+    for name, times in timed(contenders, args.runs, cpu).items():
         medians[name] = statistics.median(times)
+        cpu_medians[name] = statistics.median(cpu[name])
         spread = ", ".join(f"{t:.3f}" for t in times)
-        print(f"{name:>13}: median {medians[name]:.3f} s   ({spread})")
+        print(
+            f"{name:>13}: median {medians[name]:.3f} s wall, {cpu_medians[name]:.3f} s CPU ({spread})"
+        )
     print()
-    print("| contender | median (s) | / hooks | nnrun is faster by |")
-    print("| --- | --- | --- | --- |")
+    print("| contender | wall (s) | CPU (s) | CPU / hooks | nnrun faster by (wall) | (CPU) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, median in medians.items():
-        faster = medians[name] / medians["nnrun"]
-        print(f"| {name} | {median:.3f} | {median / medians['hooks']:.2f}x | {faster:.1f}x |")
+        c = cpu_medians[name]
+        print(
+            f"| {name} | {median:.3f} | {c:.3f} | {c / cpu_medians['hooks']:.2f}x | "
+            f"{median / medians['nnrun']:.1f}x | {c / cpu_medians['nnrun']:.1f}x |"
+        )
 
     if args.processes:
         processes(tmp, quick=args.quick)
