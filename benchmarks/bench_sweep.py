@@ -10,6 +10,7 @@ P(" Paris") at the corrupt prompt's last token; once per layer, 30 numbers.
                  patched rows), run, write the HDF5 file. The model stays loaded
                  between calls, as in a notebook.
   nnrun-engine   the packed plan compiled once; Engine.run only (hooks + forward)
+  nnrun-loop     30 nnrun.run calls in a Python loop, one layer each (model cached)
   nnsight-loop   nnsight 0.8.1 the natural way: a Python loop of 30 traces, each with
                  a clean and a corrupt invoke sharing the value through a barrier
   nnsight-one    nnsight 0.8.1 as an expert writes it: one trace, 31 invokes (clean +
@@ -98,6 +99,13 @@ def main() -> None:
         results = nnrun.run(loaded, output=tmp / "sweep.h5")
         return torch.from_numpy(results.metric("p_paris")[:, 0])
 
+    singles = [check_spec(spec([layer])) for layer in range(LAYERS)]
+
+    def via_nnrun_loop() -> torch.Tensor:
+        # A notebook loop: one nnrun.run per layer (the model stays loaded between calls).
+        found = [nnrun.run(one, output=tmp / "one.h5").metric("p_paris")[0, 0] for one in singles]
+        return torch.tensor(found)
+
     model = cached_model(loaded.points()[0].data["model"])
     plan = compile_plan(loaded, model.model, model.tokenizer)
 
@@ -168,6 +176,7 @@ def main() -> None:
         "hooks": via_hooks,
         "nnrun-engine": via_engine,
         "nnrun": via_nnrun,
+        "nnrun-loop": via_nnrun_loop,
         "nnsight-one": via_nnsight_one,
         "nnsight-loop": via_nnsight_loop,
     }
