@@ -15,7 +15,7 @@ that needs them is first used, so `nnrun validate` stays fast.
 from importlib import import_module
 from typing import Any
 
-from nnrun.errors import CompileError, ModelError, NnrunError, RunError
+from nnrun.errors import CompileError, Interrupted, ModelError, NnrunError, OutputError, RunError
 
 __version__ = "0.1.0"
 
@@ -34,7 +34,15 @@ _LAZY = {
     "validate_spec": "nnrun.spec",
 }
 
-__all__ = ["CompileError", "ModelError", "NnrunError", "RunError", *_LAZY]
+__all__ = [
+    "CompileError",
+    "Interrupted",
+    "ModelError",
+    "NnrunError",
+    "OutputError",
+    "RunError",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -8,8 +8,9 @@ torch.Size([2, 30, 1, 576])
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ def run(
     overrides: Sequence[str] = (),
     *,
     output: str | Path | None = None,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Results:
@@ -32,28 +34,40 @@ def run(
 
     `spec` is a path to a YAML/JSON file, a dict, or an already loaded spec.
     `overrides` are `key.path=value` strings, as `nnrun run -s` takes them.
+    `output` replaces the spec's output file (ending in "/": that directory, with
+    the spec's file name); an existing output is replaced only with `overwrite`.
+    The output path is checked and locked before the model loads; SIGINT and
+    SIGTERM raise `nnrun.Interrupted` and leave at most a file marked partial.
     """
     from nnrun.compile import compile_plan
     from nnrun.engine import Engine, count_prompts
-    from nnrun.store import OutputWriter, provenance
+    from nnrun.spec import with_output
+    from nnrun.store import OutputWriter, claim_output, output_path, provenance
+    from nnrun.store._inputs import input_files
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
-    model = load_model_for(loaded, log)
-    plan = compile_plan(loaded, model.model, model.tokenizer)
-    if output is not None:
-        plan = replace(plan, output=Path(output))
-    engine = Engine(plan, model.model, model.tokenizer)
-    engine.preflight()
-    attrs = provenance(plan.spec_text, plan.seed, model.info.as_attrs(), str(engine.device))
-    total = count_prompts(plan.prompts)
-    done = 0
-    with OutputWriter(plan.output, attrs, plan.saves, sizes=_model_sizes(model.model)) as out:
-        for result in engine.run():
-            out.write(result)
-            done += len(result.prompt_ids)
-            if progress is not None:
-                progress(done, total)
-    return load(plan.output)
+    # The stored spec must be the one that ran: -o goes into it.
+    target = output_path(
+        output if output is not None else loaded.data["output"], loaded.data["output"]
+    )
+    loaded = with_output(loaded, str(target))
+    with claim_output(target, overwrite=overwrite):
+        model = load_model_for(loaded, log)
+        plan = compile_plan(loaded, model.model, model.tokenizer)
+        engine = Engine(plan, model.model, model.tokenizer)
+        engine.preflight()
+        attrs = provenance(plan.spec_text, plan.seed, model.info.as_attrs(), str(engine.device))
+        attrs["overrides"] = json.dumps(list(loaded.overridden.values()))
+        attrs["inputs"] = json.dumps(input_files(loaded.data))
+        total = count_prompts(plan.prompts)
+        done = 0
+        with OutputWriter(plan.output, attrs, plan.saves, sizes=_model_sizes(model.model)) as out:
+            for result in engine.run():
+                out.write(result)
+                done += len(result.prompt_ids)
+                if progress is not None:
+                    progress(done, total)
+    return load(target)
 
 
 def _model_sizes(model: Any) -> dict[str, int]:
@@ -67,19 +81,44 @@ def _model_sizes(model: Any) -> dict[str, int]:
 
 
 def describe_saves(results: Results) -> dict[str, dict[str, Any]]:
-    """Axes, shape, dtype and size of every dataset under /saves."""
+    """Axes, shape, dtype and size of every dataset under /saves.
+
+    A file from elsewhere may be damaged or crafted: what cannot be read is
+    shown as such instead of failing.
+    """
+    import math
+
     import h5py
 
     rows: dict[str, dict[str, Any]] = {}
     with h5py.File(results.path, "r") as f:
-        for name, ds in f["saves"].items():
+        for name in results:
+            ds = f["saves"][name]
+            axes = _axes_or_none(results, name)
+            shape = ds.shape
+            dtype = ds.attrs.get("torch_dtype", ds.dtype)
             rows[name] = {
-                "axes": ", ".join(results.axes(name)),
-                "shape": str(tuple(ds.shape)),
-                "dtype": str(ds.attrs.get("torch_dtype", ds.dtype)),
-                "bytes": int(ds.size * ds.dtype.itemsize),
+                "axes": "(unreadable axes attribute)" if axes is None else ", ".join(axes),
+                "shape": "(empty)" if shape is None else str(tuple(shape)),
+                "dtype": dtype.decode("utf-8", "replace")
+                if isinstance(dtype, bytes)
+                else str(dtype),
+                "bytes": 0 if shape is None else math.prod(shape) * ds.dtype.itemsize,
             }
     return rows
+
+
+def _axes_or_none(results: Results, name: str) -> list[str] | None:
+    from nnrun.errors import NnrunError
+
+    try:
+        return results.axes(name)
+    except NnrunError:
+        return None
+
+
+# Logits read for the top-tokens table at most (a file from elsewhere may declare any size).
+_TOP_TOKENS_MAX_ELEMENTS = 1 << 28
 
 
 def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tuple[str, float]]]]:
@@ -87,27 +126,43 @@ def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tu
 
     Returns {save: {prompt id: [(token text, probability), ...]}}; saves that
     are not logits at a single position are skipped. The tokenizer is loaded
-    from the model path recorded in the file.
+    from the model directory recorded in the file, from local files only and
+    never with its own code (`nnrun run` uses this for the file it just wrote;
+    `nnrun show` does not, since a file from elsewhere could name any directory).
     """
+    import math
+
+    import h5py
     import numpy as np
 
     found: dict[str, dict[str, list[tuple[str, float]]]] = {}
     # Only (prompt, token, vocab) saves: with layer or step axes there is no
     # single "next token" per prompt.
-    candidates = [name for name in results if results.axes(name) == ["prompt", "token", "vocab"]]
+    candidates = []
+    with h5py.File(results.path, "r") as f:
+        for name in results:
+            ds = f["saves"][name]
+            if (
+                _axes_or_none(results, name) == ["prompt", "token", "vocab"]
+                and ds.dtype.kind == "f"
+                and ds.ndim == 3
+                and ds.shape[1] == 1
+                and math.prod(ds.shape) <= _TOP_TOKENS_MAX_ELEMENTS
+            ):
+                candidates.append(name)
     path = results.attrs.get("model_resolved_path")
-    if not candidates or not path:
+    if not candidates or not isinstance(path, str) or not Path(path).is_dir():
         return found
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=False, local_files_only=True
+        )
+    except Exception:  # any tokenizer problem only costs the table, never the run
         return found
     for name in candidates:
         logits = results.array(name)  # (prompt, token, vocab)
-        if logits.shape[1] != 1:
-            continue
         by_prompt = {}
         for prompt, row in zip(results.prompt_ids(name), logits[:, 0].astype(np.float64)):
             probs = np.exp(row - row.max())

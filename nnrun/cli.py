@@ -1,7 +1,8 @@
 """The `nnrun` command line: parse arguments, call nnrun.api, print with rich.
 
 Every verb is a few lines over a library function; errors meant for the user
-print as one message (exit 1), and `--debug` shows the traceback instead.
+print as one message (exit 1), usage errors print typer's usage message (exit 2),
+and `--debug` (anywhere on the line) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nnrun.errors import NnrunError
+from nnrun.errors import Interrupted, NnrunError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Run declarative experiments on neural-network internals (see `nnrun COMMAND --help`).",
 )
 console = Console()
@@ -29,12 +31,30 @@ err_console = Console(stderr=True, soft_wrap=True)
 _debug = False
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from nnrun import __version__
+
+        console.print(f"nnrun {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for errors (anywhere on the line).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
+    # main() takes --debug out of the arguments wherever it stands; this option
+    # only documents it (and catches `nnrun --debug` run through typer directly).
     global _debug
-    _debug = debug
+    _debug = _debug or debug
 
 
 @app.command()
@@ -45,32 +65,47 @@ def run(
         typer.Option("--set", "-s", help="Override a spec key: -s generate.max_new_tokens=8"),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output file (default: the spec's)")
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output file (default: the spec's); ending in / puts the spec's file name there.",
+        ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output file.")
+    ] = False,
 ) -> None:
     """Run an experiment and write its HDF5 output file."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from nnrun import api
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("prompts", total=None)
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("prompts", total=None)
 
-        def progress(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
+            def progress(done: int, total: int | None) -> None:
+                bar.update(task, completed=done, total=total)
 
-        def log(message: str) -> None:
-            bar.console.print(f"[dim]{message}[/dim]")
+            def log(message: str) -> None:
+                bar.console.print(f"[dim]{message}[/dim]")
 
-        results = api.run(spec, set_ or (), output=output, progress=progress, log=log)
-    _print_summary(results)
+            results = api.run(
+                spec, set_ or (), output=output, overwrite=overwrite, progress=progress, log=log
+            )
+    except Interrupted as e:
+        # One line: what stopped the run and what it left where (130 for Ctrl-C, 143 for TERM).
+        err_console.print(f"[red]{escape(str(e))}[/red]", highlight=False)
+        raise typer.Exit(e.exit_code) from None
+    _print_summary(results, top_tokens=True)
 
 
 @app.command()
@@ -201,14 +236,115 @@ def show(
         if key in results.attrs:
             table.add_row(key, escape(str(results.attrs[key])))
     console.print(table)
-    _print_summary(results)
+    _print_summary(results, top_tokens=False)
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="An output file (.h5), e.g. the published one.")],
+    b: Annotated[Path, typer.Argument(help="The output file to compare with it.")],
+    rtol: Annotated[
+        float, typer.Option(min=0.0, help="Relative tolerance for floating-point values.")
+    ] = 0.0,
+    atol: Annotated[
+        float, typer.Option(min=0.0, help="Absolute tolerance for floating-point values.")
+    ] = 0.0,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="Compare only this save, group or dataset path (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Compare two output files dataset by dataset: exit 0 equal, 1 different, 2 unreadable.
+
+    Floating-point values match when |a - b| <= atol + rtol * |b| (NaN matches NaN);
+    token ids, texts and other values must match exactly. Differences in provenance
+    (versions, times, device, commit) are listed but never fail.
+    """
+    import json
+    import math
+
+    from nnrun.store import diff as diff_files
+
+    for value, name in ((rtol, "--rtol"), (atol, "--atol")):
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number", param_hint=name)
+    try:
+        report = diff_files(a, b, rtol=rtol, atol=atol, only=only or ())
+    except NnrunError as e:
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+        raise typer.Exit(report.exit_code)
+    _print_diff(report)
+    raise typer.Exit(report.exit_code)
+
+
+def _print_diff(report) -> None:
+    table = Table(title=f"{report.a} vs {report.b} (rtol {report.rtol:g}, atol {report.atol:g})")
+    for column in (
+        "dataset",
+        "shape",
+        "dtype",
+        "max abs diff",
+        "max rel diff",
+        "worst index",
+        "verdict",
+    ):
+        table.add_column(column, overflow="fold")
+    colour = {True: "green", False: "red"}
+    for row in report.datasets:
+        shape = str(row.shape if row.shape is not None else row.shape_b)
+        if row.shape_b is not None and row.shape is not None and row.shape != row.shape_b:
+            shape = f"{row.shape} vs {row.shape_b}"
+        dtype = row.dtype or row.dtype_b or ""
+        if row.dtype and row.dtype_b and row.dtype != row.dtype_b:
+            dtype = f"{row.dtype} vs {row.dtype_b}"
+        worst = "" if row.worst is None else str(row.worst)
+        if row.worst is not None and row.a_value is not None:
+            worst += f": {row.a_value} vs {row.b_value}"
+        verdict = row.verdict + (f" ({row.differing:,} of {row.size:,})" if row.differing else "")
+        if row.note:
+            verdict += f"; {row.note}"
+        table.add_row(
+            escape(row.name),
+            escape(shape),
+            escape(dtype),
+            "" if row.max_abs is None else f"{row.max_abs:.3g}",
+            "" if row.max_rel is None else f"{row.max_rel:.3g}",
+            escape(worst),
+            f"[{colour[row.ok]}]{escape(verdict)}[/{colour[row.ok]}]",
+        )
+    console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if report.provenance:
+        prov = Table(title="provenance differences (never fail)")
+        for column in ("attribute", "A", "B"):
+            prov.add_column(column, overflow="fold")
+        for d in report.provenance:
+            prov.add_row(escape(d.key), escape(_short(d.a)), escape(_short(d.b)))
+        console.print(prov)
+    failing = sum(not row.ok for row in report.datasets)
+    if report.equal:
+        console.print(f"[green]equal[/green]: {len(report.datasets)} datasets compared")
+    else:
+        console.print(f"[red]different[/red]: {failing} of {len(report.datasets)} datasets")
+
+
+def _short(value: str | None, limit: int = 100) -> str:
+    if value is None:
+        return "(missing)"
+    value = " ".join(value.split())
+    return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
 def _log(message: str) -> None:
     err_console.print(f"[dim]{message}[/dim]")
 
 
-def _print_summary(results) -> None:
+def _print_summary(results, *, top_tokens: bool) -> None:
     from nnrun import api
 
     table = Table(title=f"{results.path} ({results.status})")
@@ -225,7 +361,8 @@ def _print_summary(results) -> None:
         for prompt, text in generated.items():
             gen.add_row(escape(prompt), escape(repr(text)))
         console.print(gen)
-    for name, by_prompt in api.top_next_tokens(results).items():
+    # Only for a file this process just wrote: the tokenizer path comes from the file.
+    for name, by_prompt in (api.top_next_tokens(results) if top_tokens else {}).items():
         top = Table(title=f"top next tokens ({name})")
         top.add_column("prompt")
         top.add_column("top tokens (probability)")
@@ -234,37 +371,41 @@ def _print_summary(results) -> None:
         console.print(top)
 
 
+def _strip_debug(args: list[str]) -> tuple[list[str], bool]:
+    """Take `--debug` out of the arguments wherever it stands (not after `--`)."""
+    end = args.index("--") if "--" in args else len(args)
+    kept = [a for a in args[:end] if a != "--debug"] + args[end:]
+    return kept, len(kept) != len(args)
+
+
 def main() -> None:
-    """Console entry point: user errors print as one line, exit 1."""
+    """Console entry point: user errors print as one line (exit 1), usage errors
+    as typer's usage message (exit 2); only real bugs are called bugs."""
+    global _debug
+    args, _debug = _strip_debug(sys.argv[1:])
     try:
-        code = app(standalone_mode=False)
+        # Standalone: typer itself reports usage errors (exit 2), --help and --version.
+        app(args=args, prog_name="nnrun", standalone_mode=True)
     except NnrunError as e:
         if _debug:
             raise
-        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]: no output was marked complete")
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+    except KeyboardInterrupt as e:
+        if _debug:
+            raise
+        kept = e.kept if isinstance(e, Interrupted) else "nothing was marked complete"
+        err_console.print(f"[red]interrupted[/red]: {escape(kept)}", highlight=False)
+        sys.exit(e.exit_code if isinstance(e, Interrupted) else 130)
+    except Exception as e:
         if _debug:
             raise
         err_console.print(
-            f"[red]internal error:[/red] {type(e).__name__}: {e}\n"
+            f"[red]internal error:[/red] {escape(f'{type(e).__name__}: {e}')}\n"
             "This is a bug in nnrun; rerun with --debug for the traceback.",
             highlight=False,
         )
         sys.exit(2)
-    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

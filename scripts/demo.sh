@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 # Keep the converted model checkpoint inside the (ignored) project cache.
 export NNRUN_CACHE=${NNRUN_CACHE:-$PWD/.cache/nnrun}
-.venv/bin/nnrun run examples/demo.yaml "$@"
+# --overwrite: running the demo again replaces its output (nnrun refuses that by default).
+.venv/bin/nnrun run examples/demo.yaml --overwrite "$@"

@@ -11,6 +11,7 @@ from ._issues import SpecError, SpecIssue, format_issue
 from ._load import LoadedSpec, load_spec
 from ._location import Location, SliceSel, Wildcard, parse_location
 from ._paths import format_path, parse_path
+from ._record import with_output
 from ._schema import load_schema, schema_path
 from ._select import StepSelection, TokenSelection, parse_step_selection, parse_token_selection
 from ._validate import check_spec, validate_spec
@@ -35,4 +36,5 @@ __all__ = [
     "parse_token_selection",
     "schema_path",
     "validate_spec",
+    "with_output",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from ._defaults import default_name, fill_defaults, normalise_prompts
 from ._issues import SpecError, SpecIssue
 from ._overrides import apply_overrides
 from ._parse import dump_yaml, parse_json, parse_yaml
+from ._sanitize import sanitize
 from ._substitute import substitute
 
 
@@ -95,7 +95,7 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
     everything else is reported by :func:`validate_spec`.
     """
     if isinstance(source, dict):
-        data: Any = copy.deepcopy(source)
+        data: Any = source  # sanitize() below copies it
         lines: dict[str, int] = {}
         path: Path | None = None
     elif isinstance(source, str | Path):
@@ -115,8 +115,12 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
             ]
         )
 
+    # Twice: the copy must be safe to walk before overrides, and override values are data too.
+    data, unsafe = sanitize(data)
     overridden = apply_overrides(data, overrides)
     _drop_overridden_lines(lines, overridden)
+    data, unsafe_overrides = sanitize(data)
+    unsafe += unsafe_overrides
     stem = path.stem if path is not None else None
     data, issues = substitute(data, default_name(stem))
     normalise_prompts(data, lines)
@@ -124,5 +128,5 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
     # Canonical key order makes the stored spec text easy to read and to compare.
     order = {key: i for i, key in enumerate(TOP_LEVEL_KEYS)}
     data = dict(sorted(data.items(), key=lambda kv: order.get(kv[0], len(order))))
-    issues = [SpecIssue(i.path, i.message, i.line, shown) for i in issues]
+    issues = [SpecIssue(i.path, i.message, i.line, shown) for i in unsafe + issues]
     return LoadedSpec(data, dump_yaml(data), path, lines, issues, overridden)

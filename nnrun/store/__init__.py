@@ -1,7 +1,18 @@
 """Stage 5: HDF5 output files, written atomically and read back."""
 
+from nnrun.store._lock import claim_output
+from nnrun.store._paths import output_path, partial_path
 from nnrun.store._provenance import provenance
 from nnrun.store._reader import Results, load
-from nnrun.store._writer import FORMAT_VERSION, OutputWriter, partial_path
+from nnrun.store._writer import FORMAT_VERSION, OutputWriter
 
-__all__ = ["FORMAT_VERSION", "OutputWriter", "Results", "load", "partial_path", "provenance"]
+__all__ = [
+    "FORMAT_VERSION",
+    "OutputWriter",
+    "Results",
+    "claim_output",
+    "load",
+    "output_path",
+    "partial_path",
+    "provenance",
+]

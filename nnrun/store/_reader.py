@@ -11,6 +11,10 @@ import h5py
 import numpy as np
 
 from nnrun.errors import NnrunError
+from nnrun.store._text import read_texts
+
+# What h5py raises on files it can open but not make sense of (crafted or damaged ones).
+_FORMAT_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError)
 
 
 class Results(Mapping[str, Any]):
@@ -31,10 +35,18 @@ class Results(Mapping[str, Any]):
             raise NnrunError(f"no such output file '{self.path}'")
         try:
             with h5py.File(self.path, "r") as f:
-                self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
-                self._names = list(f["saves"].keys()) if "saves" in f else []
+                self.attrs: dict[str, Any] = _read_attrs(f.attrs)
+                saves = f.get("saves")
+                if saves is not None and not isinstance(saves, h5py.Group):
+                    raise NnrunError(
+                        f"'{self.path}' is not an nnrun output file: /saves is not a group"
+                    )
+                # A member that is not a dataset (a group, a broken link) is no save.
+                self._names = [] if saves is None else [n for n in saves if _is_dataset(saves, n)]
         except OSError as e:
             raise NnrunError(f"cannot read '{self.path}' as an HDF5 file: {e}") from None
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read '{self.path}': {e}") from None
 
     @property
     def status(self) -> str:
@@ -58,12 +70,22 @@ class Results(Mapping[str, Any]):
             return f["saves"][name][()]
 
     def axes(self, name: str) -> list[str]:
+        """The names of the save's axes, from its `axes` attribute."""
         self._check(name)
         with h5py.File(self.path, "r") as f:
-            return json.loads(f["saves"][name].attrs["axes"])
+            try:
+                axes = json.loads(_plain(f["saves"][name].attrs["axes"]))
+            except (*_FORMAT_ERRORS, json.JSONDecodeError):
+                axes = None
+        if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
+            raise NnrunError(
+                f"save '{name}' in {self.path} has no valid 'axes' attribute (a JSON list of names)"
+            )
+        return axes
 
     def prompt_ids(self, name: str) -> list[str]:
-        return [_plain(v) for v in self._axis(name, "prompt")]
+        values = self._axis(name, "prompt")
+        return [] if values is None else [_plain(v) for v in np.atleast_1d(values)]
 
     def lengths(self, name: str) -> np.ndarray | None:
         """Real tokens per row for a ragged token axis, else None."""
@@ -72,25 +94,42 @@ class Results(Mapping[str, Any]):
 
     def prompts(self) -> dict[str, str]:
         """Every prompt of the run: id -> text, in run order."""
-        with h5py.File(self.path, "r") as f:
-            ids = [_plain(v) for v in f["prompts/id"][()]]
-            texts = [_plain(v) for v in f["prompts/text"][()]]
-        return dict(zip(ids, texts))
+        return self._texts("prompts")
 
     def generation(self) -> dict[str, str]:
         """Each prompt's generated text (empty when the run did not generate)."""
-        with h5py.File(self.path, "r") as f:
-            if "generation" not in f:
-                return {}
-            ids = [_plain(v) for v in f["prompts/id"][()]]
-            texts = [_plain(v) for v in f["generation/text"][()]]
+        return self._texts("generation")
+
+    def _texts(self, group_name: str) -> dict[str, str]:
+        """prompt id -> the group's `text` column (NUL characters and all)."""
+        try:
+            with h5py.File(self.path, "r") as f:
+                group = f.get(group_name)
+                if not isinstance(group, h5py.Group) or not _is_dataset(group, "text"):
+                    return {}
+                texts = read_texts(group, "text")
+                prompts = f.get("prompts")
+                ids = (
+                    read_texts(prompts, "id")
+                    if isinstance(prompts, h5py.Group) and _is_dataset(prompts, "id")
+                    else [str(i) for i in range(len(texts))]
+                )
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read /{group_name} of {self.path}: {e}") from None
         return dict(zip(ids, texts))
 
     def _axis(self, name: str, axis: str) -> Any:
         self._check(name)
-        with h5py.File(self.path, "r") as f:
-            group = f["axes"].get(f["saves"][name].attrs.get("save", name))
-            return None if group is None or axis not in group else group[axis][()]
+        try:
+            with h5py.File(self.path, "r") as f:
+                group = f.get("axes")
+                save = _plain(f["saves"][name].attrs.get("save", name))
+                group = group.get(save) if isinstance(group, h5py.Group) else None
+                if not isinstance(group, h5py.Group) or not _is_dataset(group, axis):
+                    return None
+                return group[axis][()]
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read the {axis} axis of save '{name}': {e}") from None
 
     def _check(self, name: str) -> None:
         if name not in self._names:
@@ -103,9 +142,27 @@ def load(path: str | Path) -> Results:
     return Results(path)
 
 
+def _is_dataset(group: h5py.Group, name: str) -> bool:
+    try:
+        return isinstance(group.get(name), h5py.Dataset)
+    except _FORMAT_ERRORS:  # a broken link, an unreadable object
+        return False
+
+
+def _read_attrs(attrs: Any) -> dict[str, Any]:
+    """Attributes as plain values; one h5py cannot read becomes a note, not a failure."""
+    out: dict[str, Any] = {}
+    for key in list(attrs.keys()):
+        try:
+            out[key] = _plain(attrs[key])
+        except _FORMAT_ERRORS as e:
+            out[key] = f"<unreadable attribute: {type(e).__name__}>"
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode("utf-8", "replace")
     if isinstance(value, np.generic):
         return value.item()
     return value

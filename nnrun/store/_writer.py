@@ -2,7 +2,8 @@
 
 The file is written under `<out>.partial.h5` with `status = partial` and only
 renamed to `<out>` after the last batch, with `status = complete`. A run that
-fails or is interrupted leaves at most the `.partial.h5` file, which says so.
+fails or is interrupted leaves at most the `.partial.h5` file, which says so;
+one whose disk fills up leaves nothing (see `_faults`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from nnrun.errors import OutputError
+from nnrun.store._faults import abandon_hdf5, is_write_failure, write_failure_reason
+from nnrun.store._paths import partial_path
+from nnrun.store._signals import signals_deferred
+from nnrun.store._text import storable_texts
+
 if TYPE_CHECKING:
     from nnrun.compile.plan import SaveLayout
     from nnrun.engine import BatchResult, SaveBatch
@@ -23,11 +30,6 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 STR = h5py.string_dtype()
 _CHUNK_BYTES = 4 << 20  # measured in the brief: big contiguous-ish slabs write near raw speed
-
-
-def partial_path(path: Path) -> Path:
-    """Where an unfinished output lives: `runs/x.h5` -> `runs/x.partial.h5`."""
-    return path.with_name(path.stem + ".partial" + path.suffix)
 
 
 class OutputWriter:
@@ -56,19 +58,33 @@ class OutputWriter:
 
     def __enter__(self) -> OutputWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp_path, "w")
-        for key, value in self.attrs.items():
-            self.file.attrs[key] = value
-        self.file.attrs["format"] = FORMAT_VERSION
-        self.file.attrs["status"] = "partial"
-        self.file.attrs["started_utc"] = _utc_now()
-        _token_rows_group(self.file, "prompts", ids=True)
-        self.file.create_group("saves")
-        self.file.create_group("axes")
+        try:
+            self.file = h5py.File(self.tmp_path, "w")
+        except OSError as e:
+            raise OutputError(f"cannot create {self.tmp_path}: {write_failure_reason(e)}") from None
+        try:
+            for key, value in self.attrs.items():
+                self.file.attrs[key] = value
+            self.file.attrs["format"] = FORMAT_VERSION
+            self.file.attrs["status"] = "partial"
+            self.file.attrs["started_utc"] = _utc_now()
+            _token_rows_group(self.file, "prompts", ids=True)
+            self.file.create_group("saves")
+            self.file.create_group("axes")
+        except BaseException as e:
+            raise self._abandon(e) from None
         return self
 
     def write(self, result: BatchResult) -> None:
         """Append one micro-batch: its prompts and each save's values."""
+        try:
+            self._write(result)
+        except (OSError, RuntimeError) as e:
+            if not is_write_failure(e):
+                raise
+            raise self._abandon(e) from None
+
+    def _write(self, result: BatchResult) -> None:
         assert self.file is not None
         _append_token_rows(
             self.file["prompts"], result.token_ids, id=result.prompt_ids, text=result.texts
@@ -86,19 +102,73 @@ class OutputWriter:
         self.file.flush()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.file is not None
+        if self.file is None:  # abandoned after a failed write: nothing left to finish
+            return
         try:
             self._finish_axes()
             self.file.attrs["prompt_count"] = self.prompt_count
             self.file.attrs["finished_utc"] = _utc_now()
-            if exc_type is None:
-                self.file.attrs["status"] = "complete"
-            else:
+            if exc_type is not None:
                 self.file.attrs["error"] = f"{exc_type.__name__}: {exc}"
-        finally:
+        except BaseException as e:  # a full disk, or an interrupt while finishing
+            self._close_partial(e)
+            raise
+        if exc_type is not None:
+            self._close_partial(None)
+            return
+        try:
+            # The point of no return: a signal now waits until the output is complete.
+            with signals_deferred():
+                self.file.attrs["status"] = "complete"
+                self.file.close()
+                os.replace(self.tmp_path, self.path)
+        except BaseException as e:
+            if self.tmp_path.exists():  # still unfinished: it must not claim otherwise
+                self._unfinish(e)
+            raise
+
+    # -- failures ------------------------------------------------------------
+
+    def _abandon(self, e: BaseException) -> BaseException:
+        """The error to raise for `e`: a failed write gives the file up, else it closes partial."""
+        if is_write_failure(e):
+            return self._give_up(e)
+        if self.file is not None:
+            self._close_partial(e)
+        return e
+
+    def _give_up(self, failure: BaseException, doing: str = "write") -> OutputError:
+        """Remove a file HDF5 can no longer write (see `_faults`); the error to raise."""
+        if self.file is not None:
+            abandon_hdf5(self.file, self.tmp_path)
+            self.file = None
+        self.tmp_path.unlink(missing_ok=True)
+        return OutputError(
+            f"could not {doing} {self.tmp_path}: {write_failure_reason(failure)}; the "
+            f"unfinished file was removed and {self.path} was not touched"
+        )
+
+    def _close_partial(self, e: BaseException | None) -> None:
+        """Close the file as it stands (status partial), or give it up if that fails."""
+        assert self.file is not None
+        try:
+            if e is not None and "error" not in self.file.attrs:
+                self.file.attrs["error"] = f"{type(e).__name__}: {e}"
             self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp_path, self.path)
+        except (OSError, RuntimeError) as failure:
+            raise self._give_up(failure) from e
+
+    def _unfinish(self, e: BaseException) -> None:
+        """Mark a file that failed between `status = complete` and its rename as partial."""
+        try:
+            if self.file is not None and self.file.id.valid:
+                self.file.close()
+            with h5py.File(self.tmp_path, "r+") as f:
+                f.attrs["status"] = "partial"
+                f.attrs["error"] = f"{type(e).__name__}: {e}"
+        except (OSError, RuntimeError) as failure:
+            # It cannot be marked partial, so it must not stay: it says complete.
+            raise self._give_up(failure, "finish") from e
 
     # -- pieces --------------------------------------------------------------
 
@@ -246,6 +316,8 @@ def _append_token_rows(group: h5py.Group, rows: list[list[int]], **columns: list
     tokens[n : n + r] = block
     for name, values in {**columns, "length": [len(t) for t in rows]}.items():
         group[name].resize((n + r,))
+        if name != "length":  # strings: keep any text HDF5 cannot hold exactly beside it
+            values = storable_texts(group, name, n, list(values))
         group[name][n : n + r] = values
 
 
