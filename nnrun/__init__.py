@@ -28,6 +28,8 @@ _LAZY = {
     "top_next_tokens": "nnrun.api",
     "Results": "nnrun.store",
     "load": "nnrun.store",
+    "diff": "nnrun.store",
+    "DiffReport": "nnrun.store",
     "SpecError": "nnrun.spec",
     "check_spec": "nnrun.spec",
     "load_spec": "nnrun.spec",

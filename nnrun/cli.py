@@ -7,6 +7,7 @@ and `--debug` (anywhere on the line) shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -371,6 +372,17 @@ def _print_summary(results, *, top_tokens: bool) -> None:
         console.print(top)
 
 
+def _exit(code: int) -> None:
+    faults = sys.modules.get("nnrun.store._faults")
+    if faults is not None and faults.hdf5_broken():
+        # HDF5 failed to write a file and may crash while the interpreter shuts down
+        # (see nnrun.store._faults): leave without that clean-up; the file is gone.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _strip_debug(args: list[str]) -> tuple[list[str], bool]:
     """Take `--debug` out of the arguments wherever it stands (not after `--`)."""
     end = args.index("--") if "--" in args else len(args)
@@ -390,7 +402,7 @@ def main() -> None:
         if _debug:
             raise
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        sys.exit(1)
+        _exit(1)
     except KeyboardInterrupt as e:
         if _debug:
             raise

@@ -1,5 +1,6 @@
 """Stage 5: HDF5 output files, written atomically and read back."""
 
+from nnrun.store._diff import DatasetDiff, DiffReport, diff
 from nnrun.store._lock import claim_output
 from nnrun.store._paths import output_path, partial_path
 from nnrun.store._provenance import provenance
@@ -8,9 +9,12 @@ from nnrun.store._writer import FORMAT_VERSION, OutputWriter
 
 __all__ = [
     "FORMAT_VERSION",
+    "DatasetDiff",
+    "DiffReport",
     "OutputWriter",
     "Results",
     "claim_output",
+    "diff",
     "load",
     "output_path",
     "partial_path",

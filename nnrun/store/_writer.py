@@ -18,7 +18,13 @@ import h5py
 import numpy as np
 
 from nnrun.errors import OutputError
-from nnrun.store._faults import abandon_hdf5, is_write_failure, write_failure_reason
+from nnrun.store._faults import (
+    abandon_hdf5,
+    check_room,
+    is_write_failure,
+    quiet_failed_closes,
+    write_failure_reason,
+)
 from nnrun.store._paths import partial_path
 from nnrun.store._signals import signals_deferred
 from nnrun.store._text import storable_texts
@@ -77,12 +83,15 @@ class OutputWriter:
 
     def write(self, result: BatchResult) -> None:
         """Append one micro-batch: its prompts and each save's values."""
-        try:
-            self._write(result)
-        except (OSError, RuntimeError) as e:
-            if not is_write_failure(e):
-                raise
-            raise self._abandon(e) from None
+        # Before HDF5 is asked to write anything it may fail to write (see _faults).
+        check_room(self.tmp_path, _batch_bytes(result))
+        with quiet_failed_closes():
+            try:
+                self._write(result)
+            except (OSError, RuntimeError) as e:
+                if not is_write_failure(e):
+                    raise
+                raise self._abandon(e) from None
 
     def _write(self, result: BatchResult) -> None:
         assert self.file is not None
@@ -284,6 +293,21 @@ class OutputWriter:
                     if not scale.is_scale:
                         scale.make_scale(axis)
                     ds.dims[i].attach_scale(scale)
+
+
+def _batch_bytes(result: BatchResult) -> int:
+    """About how many bytes a batch adds to the file (each save may also open a chunk)."""
+    total = sum(len(t) * 8 for t in result.token_ids) + sum(len(t) * 4 for t in result.texts)
+    for save in result.saves.values():
+        for tensor in (save.data, *save.extra.values()):
+            nbytes = tensor.numel() * tensor.element_size()
+            row = max(1, nbytes // max(1, tensor.shape[0] if tensor.dim() else 1))
+            # A batch may start a new chunk, which is stored whole (see _create_save).
+            total += nbytes + max(1, min(4096, _CHUNK_BYTES // row)) * row
+    if result.generated is not None:
+        total += sum(len(t) * 8 for t in result.generated)
+        total += sum(len(t) * 4 for t in result.generated_text or [])
+    return total
 
 
 def _token_rows_group(file: h5py.File, name: str, *, ids: bool = False) -> h5py.Group:
