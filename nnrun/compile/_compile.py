@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from nnrun.compile._limits import check_edit_site, check_prompt_lengths
 from nnrun.compile._probe import probe_sites, value_shape
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
 from nnrun.compile.plan import (
@@ -112,6 +113,7 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
         params = _params(op, edit[op])
         sources += params.get("over", [])
         for site in sites:
+            check_edit_site(model, site.module, site.port, site.label, f"{path}.at")
             target_rank = ranked(site, f"{path}.at")
             shape = probed[(site.module, site.port)].shape
             if op == "skip":
@@ -145,6 +147,7 @@ def compile_plan(spec: LoadedSpec, model: nn.Module, tokenizer: Any = None) -> P
             )
 
     prompt_source = _prompt_source(data["prompts"])
+    check_prompt_lengths(prompt_source, tokenizer, model, generate)
     if sources and prompt_source.inline is None:
         raise CompileError(
             "edits read other prompts' values (from:, mean_ablate.over), which needs "

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnrun.compile._limits import check_batch_lengths, max_positions
 from nnrun.compile._probe import first_input, model_device
 from nnrun.compile.plan import FileValue, LiteralValue, Plan, SaveAction, SiteActions
-from nnrun.engine._apply import apply_steps
+from nnrun.engine._apply import apply_steps, check_apply
 from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_ids
 from nnrun.engine._edits import EditContext, OperandCache, apply_edit, check_operand_shape
 from nnrun.engine._ports import get_value, set_value
@@ -86,6 +87,7 @@ class Engine:
         self.left_pad = plan.generate is not None or takes_position_ids(model)
         self.modules = dict(model.named_modules())
         self._max_steps = int(plan.generate["max_new_tokens"]) if plan.generate else 1
+        self._positions = max_positions(model)
         self.operands = OperandCache()
         self._state: _BatchState | None = None
         inline = dict(plan.prompts.inline or ())
@@ -99,6 +101,11 @@ class Engine:
         operand once, and checks literal and file operands against the value
         shapes the compile-time probe saw.
         """
+        like = next(self.model.parameters(), torch.zeros(()))
+        for layout in self.plan.saves:
+            check_apply(
+                layout.apply, layout.value_shape, self.modules, like, f"save '{layout.name}'"
+            )
         batch = None
         if self.plan.prompts.inline is not None:
             inline = list(self.plan.prompts.inline)
@@ -133,6 +140,10 @@ class Engine:
             self.device,
             left_pad=self.left_pad,
             aux=[False] * len(chunk) + [True] * len(extra),
+        )
+        new_tokens = self._max_steps if self.plan.generate else 0
+        check_batch_lengths(
+            batch.ids, [len(t) for t in batch.token_ids], self._positions, new_tokens
         )
         self._state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed))
         generated = None
