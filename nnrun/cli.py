@@ -284,24 +284,15 @@ def diff(
 
 def _print_diff(report) -> None:
     table = Table(title=f"{report.a} vs {report.b} (rtol {report.rtol:g}, atol {report.atol:g})")
-    for column in (
-        "dataset",
-        "shape",
-        "dtype",
-        "max abs diff",
-        "max rel diff",
-        "worst index",
-        "verdict",
-    ):
+    table.add_column("dataset", no_wrap=True)
+    for column in ("shape, dtype", "max abs", "max rel", "worst index: A vs B", "verdict"):
         table.add_column(column, overflow="fold")
     colour = {True: "green", False: "red"}
     for row in report.datasets:
-        shape = str(row.shape if row.shape is not None else row.shape_b)
-        if row.shape_b is not None and row.shape is not None and row.shape != row.shape_b:
-            shape = f"{row.shape} vs {row.shape_b}"
-        dtype = row.dtype or row.dtype_b or ""
-        if row.dtype and row.dtype_b and row.dtype != row.dtype_b:
-            dtype = f"{row.dtype} vs {row.dtype_b}"
+        shape = row.shape if row.shape is not None else row.shape_b
+        layout = f"{shape} {row.dtype or row.dtype_b or ''}"
+        if row.verdict in ("shape differs", "dtype differs"):
+            layout = f"{row.shape} {row.dtype} vs {row.shape_b} {row.dtype_b}"
         worst = "" if row.worst is None else str(row.worst)
         if row.worst is not None and row.a_value is not None:
             worst += f": {row.a_value} vs {row.b_value}"
@@ -310,8 +301,7 @@ def _print_diff(report) -> None:
             verdict += f"; {row.note}"
         table.add_row(
             escape(row.name),
-            escape(shape),
-            escape(dtype),
+            escape(layout),
             "" if row.max_abs is None else f"{row.max_abs:.3g}",
             "" if row.max_rel is None else f"{row.max_rel:.3g}",
             escape(worst),
@@ -322,16 +312,28 @@ def _print_diff(report) -> None:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if report.provenance:
         prov = Table(title="provenance differences (never fail)")
-        for column in ("attribute", "A", "B"):
+        prov.add_column("attribute", no_wrap=True)
+        for column in ("A", "B"):
             prov.add_column(column, overflow="fold")
         for d in report.provenance:
-            prov.add_row(escape(d.key), escape(_short(d.a)), escape(_short(d.b)))
+            prov.add_row(escape(d.key), *(escape(v) for v in _first_difference(d.a, d.b)))
         console.print(prov)
     failing = sum(not row.ok for row in report.datasets)
     if report.equal:
         console.print(f"[green]equal[/green]: {len(report.datasets)} datasets compared")
     else:
         console.print(f"[red]different[/red]: {failing} of {len(report.datasets)} datasets")
+
+
+def _first_difference(a: str | None, b: str | None) -> tuple[str, str]:
+    """Two attribute values shortened to what differs (the first differing line of a text)."""
+    if a is not None and b is not None and ("\n" in a or "\n" in b):
+        lines_a, lines_b = a.splitlines(), b.splitlines()
+        for i, (x, y) in enumerate(zip(lines_a, lines_b)):
+            if x != y:
+                return f"line {i + 1}: {_short(x)}", f"line {i + 1}: {_short(y)}"
+        return f"{len(lines_a)} lines", f"{len(lines_b)} lines"
+    return _short(a), _short(b)
 
 
 def _short(value: str | None, limit: int = 100) -> str:

@@ -317,13 +317,15 @@ def _compare_numeric(row: DatasetDiff, da: Any, db: Any, rtol: float, atol: floa
         else:
             a64 = a.astype(np.complex128 if a.dtype.kind == "c" else np.float64)
             b64 = b.astype(np.complex128 if b.dtype.kind == "c" else np.float64)
-            both_nan = np.isnan(a64) & np.isnan(b64)
+            nan_a, nan_b = np.isnan(a64), np.isnan(b64)
             with np.errstate(invalid="ignore", over="ignore"):
                 delta = np.abs(a64 - b64)
-                delta = np.where((a64 == b64) | both_nan, 0.0, delta)  # equal infinities, NaN/NaN
+                delta = np.where((a64 == b64) | (nan_a & nan_b), 0.0, delta)  # inf == inf, NaN/NaN
                 delta = np.where(np.isnan(delta), np.inf, delta)  # NaN on one side only
                 rel_base = np.abs(b64)
-                bad = delta > atol + rtol * rel_base
+                # No tolerance excuses NaN against a number, or an infinity against anything else.
+                special = (nan_a ^ nan_b) | ((np.isinf(a64) | np.isinf(b64)) & (a64 != b64))
+                bad = special | (delta > atol + rtol * np.where(np.isfinite(rel_base), rel_base, 0))
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(delta == 0, 0.0, delta / rel_base)
         row.differing += int(np.count_nonzero(bad))
