@@ -149,8 +149,9 @@ def values() -> st.SearchStrategy[Any]:
 _VALUES = st.one_of(
     st.recursive(
         scalar_values(),
-        lambda inner: st.lists(inner, max_size=4)
-        | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
         max_leaves=8,
     ),
     deep_value(),
@@ -273,7 +274,9 @@ GENTLE: dict[str, st.SearchStrategy[Any]] = {
         st.floats(-10, 10), st.sampled_from([math.nan, math.inf, 1e308, 1e-320, 0.0, -0.0])
     ),
     "str": st.one_of(
-        st.sampled_from(SITES), st.sampled_from(TEXTS), st.sampled_from(["all", "0:2", "-1:", "5:2", ":"])
+        st.sampled_from(SITES),
+        st.sampled_from(TEXTS),
+        st.sampled_from(["all", "0:2", "-1:", "5:2", ":"]),
     ),
     "list": st.one_of(
         st.lists(st.integers(-8, 8), min_size=1, max_size=3, unique=True),
@@ -381,7 +384,9 @@ def mutated_text(draw: Callable, bases: list[dict[str, Any]]) -> bytes:
             i = min(at, len(lines) - 1)
             line = lines[i]
             pos = draw(st.integers(0, len(line)))
-            lines[i] = line[:pos] + draw(st.sampled_from(list("\t:{}[]&*!|>'\"%@`#-?,\x00"))) + line[pos:]
+            lines[i] = (
+                line[:pos] + draw(st.sampled_from(list("\t:{}[]&*!|>'\"%@`#-?,\x00"))) + line[pos:]
+            )
         elif op == "bom":
             lines.insert(0, "\ufeff")
         elif op == "crlf":
@@ -434,7 +439,9 @@ def _dataset(draw: Callable, group: h5py.Group, name: str) -> None:
     elif kind == "complex":
         group[name] = np.ones(shape, dtype=np.complex64)
     elif kind == "vlen-str":
-        group.create_dataset(name, data=np.array(["a", "b\u00e9"] * 2, dtype=object), dtype=h5py.string_dtype())
+        group.create_dataset(
+            name, data=np.array(["a", "b\u00e9"] * 2, dtype=object), dtype=h5py.string_dtype()
+        )
     elif kind == "bytes":
         group[name] = np.array([b"ab", b"cd"])
     elif kind == "compound":
@@ -458,7 +465,11 @@ def _dataset(draw: Callable, group: h5py.Group, name: str) -> None:
     elif kind == "bigendian":
         group[name] = np.ones(shape, dtype=">f8")
     elif kind == "enum":
-        group.create_dataset(name, data=np.zeros(shape, dtype=np.int8), dtype=h5py.enum_dtype({"A": 0, "B": 1}, basetype="i1"))
+        group.create_dataset(
+            name,
+            data=np.zeros(shape, dtype=np.int8),
+            dtype=h5py.enum_dtype({"A": 0, "B": 1}, basetype="i1"),
+        )
     elif kind == "float16":
         group[name] = np.ones(shape, dtype=np.float16)
     ds = group.get(name)
@@ -554,7 +565,9 @@ def _block(draw: Callable, f: h5py.File, block: str, evil: Path) -> None:
         f["axes"] = np.arange(2)
     elif block == "soft-link":
         g = f.require_group(draw(st.sampled_from(["saves", "prompts", "/"])))
-        g[draw(st.sampled_from(["dangling", "text", "id", "s9"]))] = h5py.SoftLink("/nowhere/at/all")
+        g[draw(st.sampled_from(["dangling", "text", "id", "s9"]))] = h5py.SoftLink(
+            "/nowhere/at/all"
+        )
     elif block == "external-link":
         g = f.require_group("saves")
         target = draw(st.sampled_from(["/nonexistent.h5", "/dev/zero", str(evil)]))

@@ -139,7 +139,9 @@ def test_load_spec_survives_mutated_dicts() -> None:
 def _run_bases(tiny_gpt2: Path, tiny_llama: Path, workdir: Path) -> list[dict[str, Any]]:
     with h5py.File(workdir / "vec.h5", "w") as f:
         f["v"] = np.ones((32,), np.float32)
-    (workdir / "p.jsonl").write_text('{"text": "Hello there", "id": "a"}\n{"text": "Paris", "id": "b"}\n')
+    (workdir / "p.jsonl").write_text(
+        '{"text": "Hello there", "id": "a"}\n{"text": "Paris", "id": "b"}\n'
+    )
     llama = {"path": str(tiny_llama)}
     return [
         {
@@ -237,9 +239,7 @@ def good_h5(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_show_and_diff_survive_crafted_files(
-    fuzz_dir: Path, evil_dir: Path, good_h5: Path
-) -> None:
+def test_show_and_diff_survive_crafted_files(fuzz_dir: Path, evil_dir: Path, good_h5: Path) -> None:
     harness = Harness(limit_s=30)
     path = fuzz_dir / "crafted.h5"
     other = fuzz_dir / "crafted2.h5"
@@ -277,7 +277,9 @@ def test_file_operands_survive_crafted_files(
             "model": {"path": str(tiny_gpt2)},
             "prompts": {"a": "The capital of France is"},
             "save": {"x": {"at": "transformer.h.0.output", "tokens": [-1]}},
-            "edits": [{"at": "transformer.h.0.output", "add": {"file": str(path), "dataset": name}}],
+            "edits": [
+                {"at": "transformer.h.0.output", "add": {"file": str(path), "dataset": name}}
+            ],
         }
         harness.call(
             lambda: nnrun.run(spec, output=fuzz_dir / "ops" / f"o{i}.h5"),

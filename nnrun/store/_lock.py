@@ -113,14 +113,14 @@ class claim_output:  # noqa: N801 - used as a function: `with claim_output(path)
 
     def __init__(self, path: Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
-        self.partial = partial_path(self.path)
         self.overwrite = overwrite
-        self._lock = OutputLock(self.path)
         self._signals = signals_as_interrupts()
         self._before: dict[Path, tuple[int, int] | None] = {}
 
     def __enter__(self) -> claim_output:
-        check_output_path(self.path)
+        check_output_path(self.path)  # first: the names below need a file name
+        self.partial = partial_path(self.path)
+        self._lock = OutputLock(self.path)
         self._signals.__enter__()
         try:
             self._lock.acquire()

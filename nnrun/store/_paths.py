@@ -51,13 +51,13 @@ def check_output_path(path: Path) -> None:
     directory or cannot be created. Permissions are checked by the caller taking
     the lock (creating a file is the real test).
     """
+    if path.name in ("", ".", "..") or _kind_of(path) == "directory":
+        raise OutputError(
+            f"the output path {path} is a directory; name a file (-o {path}/NAME.h5), or end "
+            f"the path with a slash (-o {path}/) to write the spec's file name into it"
+        )
     for candidate, what in ((path, "the output path"), (partial_path(path), "the partial file")):
         kind = _kind_of(candidate)
-        if kind == "directory" and candidate == path:
-            raise OutputError(
-                f"{what} {path} is a directory; name a file (-o {path}/NAME.h5), or end the "
-                f"path with a slash (-o {path}/) to write the spec's file name into it"
-            )
         if kind not in (None, "file"):
             raise OutputError(f"{what} {candidate} is {kind}, not a regular file; choose another")
     parent = path.parent
