@@ -114,7 +114,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _driver(tmp_path: Path, args: list[str], **env: str) -> subprocess.Popen:
+def _driver(tmp_path: Path, args: list[str], preexec: Any = None, **env: str) -> subprocess.Popen:
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     return subprocess.Popen(
@@ -124,6 +124,7 @@ def _driver(tmp_path: Path, args: list[str], **env: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec,
     )
 
 
@@ -447,20 +448,12 @@ def test_a_write_that_fails_anyway_removes_the_file_without_a_crash(
     spec = write_yaml(
         tmp_path / "spec.yaml", _spec(tiny_gpt2, prompts, save={"logits": {"at": "output"}})
     )
-    proc = (
-        subprocess.Popen(
-            [sys.executable, str(tmp_path / "driver.py"), "run", str(spec), "-o", "o/full.h5"],
-            cwd=tmp_path,
-            env=_env(tmp_path, NNRUN_TEST_NO_ROOM_CHECK="1"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=_file_size_limit(256 << 10),
-        )
-        if (tmp_path / "driver.py").write_text(DRIVER)
-        else None
+    proc = _driver(
+        tmp_path,
+        ["run", str(spec), "-o", "o/full.h5"],
+        preexec=_file_size_limit(256 << 10),
+        NNRUN_TEST_NO_ROOM_CHECK="1",
     )
-    assert proc is not None
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr  # not 139 (a segmentation fault)
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
