@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,5 +128,5 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
     # Canonical key order makes the stored spec text easy to read and to compare.
     order = {key: i for i, key in enumerate(TOP_LEVEL_KEYS)}
     data = dict(sorted(data.items(), key=lambda kv: order.get(kv[0], len(order))))
-    issues = [SpecIssue(i.path, i.message, i.line, shown) for i in unsafe + issues]
+    issues = [replace(i, source=shown) for i in unsafe + issues]
     return LoadedSpec(data, dump_yaml(data), path, lines, issues, overridden)

@@ -27,6 +27,10 @@ class HugeInt(str):
     """An integer literal too long to be a real value: kept as its text for the message."""
 
 
+class UnsafeValue(SpecIssue):
+    """An issue for a value replaced by None: checks of its container would only echo it."""
+
+
 def is_huge_int_text(text: str) -> bool:
     """Whether an integer literal is too long to be converted at all."""
     return len(text.lstrip("+-").replace("_", "")) > MAX_INT_CHARS
@@ -39,10 +43,11 @@ def parse_int_text(text: str) -> int | HugeInt:
 
 def _describe_int(value: int | HugeInt) -> str:
     if isinstance(value, HugeInt):
-        digits = len(value.lstrip("+-").replace("_", ""))
-    else:
-        digits = int(abs(value).bit_length() * math.log10(2)) + 1
-    return f"an integer with about {digits} digits"
+        return f"an integer with {len(value.lstrip('+-').replace('_', ''))} digits"
+    try:
+        return f"an integer with {len(str(abs(value)))} digits"
+    except ValueError:  # past Python's conversion limit: estimate
+        return f"an integer with about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
 
 
 def _text_problem(text: str) -> str | None:
@@ -95,7 +100,7 @@ def sanitize(data: Any) -> tuple[Any, list[SpecIssue]]:
             parent[key] = copy
             for k, v in value.items():
                 if isinstance(k, str) and (problem := _text_problem(k)) is not None:
-                    issues.append(SpecIssue(path, f"a key {problem}"))
+                    issues.append(UnsafeValue(path, f"a key {problem}"))
                     continue
                 copy[k] = None
                 stack.append((v, join_path(path, k), depth + 1, copy, k))
@@ -105,7 +110,7 @@ def sanitize(data: Any) -> tuple[Any, list[SpecIssue]]:
             for i, v in enumerate(value):
                 stack.append((v, join_path(path, i), depth + 1, items, i))
         elif (problem := _value_problem(value)) is not None:
-            issues.append(SpecIssue(path, problem))
+            issues.append(UnsafeValue(path, problem))
             parent[key] = None
         else:
             parent[key] = value

@@ -9,6 +9,7 @@ from typing import Any
 from ._issues import SpecError, SpecIssue
 from ._load import LoadedSpec, load_spec
 from ._paths import format_path, join_path, parse_path
+from ._sanitize import UnsafeValue
 from ._schema import validator
 from ._schema_errors import convert
 from ._semantic import semantic_issues
@@ -65,6 +66,12 @@ def validate_spec(spec: LoadedSpec) -> list[SpecIssue]:
     data = _string_keys(spec.data, "", found)
 
     load_paths = {issue.path for issue in spec.load_issues}
+    # A value taken out as unsafe is None now: its container's checks would only echo that.
+    load_paths |= {
+        parent
+        for issue in spec.load_issues
+        if isinstance(issue, UnsafeValue) and (parent := _parent(issue.path))
+    }
     schema: list[tuple[str, str]] = []
     for error in validator().iter_errors(data):
         schema += convert(error)
