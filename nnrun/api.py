@@ -42,8 +42,7 @@ def run(
     from nnrun.compile import compile_plan
     from nnrun.engine import Engine, count_prompts
     from nnrun.spec import with_output
-    from nnrun.store import OutputWriter, claim_output, output_path, provenance
-    from nnrun.store._inputs import input_files
+    from nnrun.store import OutputWriter, claim_output, input_files, output_path, provenance
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     # The stored spec must be the one that ran: -o goes into it.

@@ -31,8 +31,7 @@ from helpers import NNRUN, h5_str, one_torch_thread, write_jsonl, write_yaml
 
 import nnrun
 from nnrun.errors import Interrupted, OutputError
-from nnrun.store import _writer
-from nnrun.store._inputs import changed_inputs
+from nnrun.store import _writer, changed_inputs
 
 
 @pytest.fixture(autouse=True)

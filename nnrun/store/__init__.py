@@ -1,6 +1,7 @@
 """Stage 5: HDF5 output files, written atomically and read back."""
 
 from nnrun.store._diff import DatasetDiff, DiffReport, diff
+from nnrun.store._inputs import changed_inputs, input_files
 from nnrun.store._lock import claim_output
 from nnrun.store._paths import output_path, partial_path
 from nnrun.store._provenance import provenance
@@ -13,8 +14,10 @@ __all__ = [
     "DiffReport",
     "OutputWriter",
     "Results",
+    "changed_inputs",
     "claim_output",
     "diff",
+    "input_files",
     "load",
     "output_path",
     "partial_path",
