@@ -188,6 +188,30 @@ def test_sigint_and_sigterm_stop_cleanly_at_every_moment(
         assert rows == (1 if stage == "batch" else 3)
 
 
+def test_ctrl_c_through_the_installed_executable(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """The real `nnrun` process, interrupted once its partial file exists."""
+    source = write_jsonl(tmp_path / "p.jsonl", [{"text": f"{FRANCE} {i}"} for i in range(3000)])
+    spec = write_yaml(tmp_path / "spec.yaml", _spec(tiny_gpt2, {"file": str(source)}))
+    partial = tmp_path / "ctrl-c.partial.h5"
+    proc = subprocess.Popen(
+        [NNRUN, "run", spec, "-o", tmp_path / "ctrl-c.h5"],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(partial, proc)
+    time.sleep(0.5)  # a few batches in
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"interrupted by SIGINT; kept the unfinished output {partial} (status partial)"
+    ], stderr
+    assert _status(partial) == "partial" and not (tmp_path / "ctrl-c.h5").exists()
+
+
 def test_a_signal_at_the_point_of_no_return_waits_for_the_complete_file(
     tiny_gpt2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
