@@ -155,28 +155,32 @@ def _complete_earlier(model: Path, out: Path) -> bytes:
 def test_sigint_and_sigterm_stop_cleanly_at_every_moment(
     stage: str, tiny_gpt2: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "out.h5"
-    partial = tmp_path / "out.partial.h5"
-    earlier = _complete_earlier(tiny_gpt2, out)
-    spec = write_yaml(tmp_path / "spec.yaml", _spec(tiny_gpt2))
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        for leftover in (tmp_path / "mark", partial):
-            leftover.unlink(missing_ok=True)
+    # One directory per signal, so that both runs go at once (each over an earlier output).
+    runs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        work = tmp_path / sig.name
+        work.mkdir()
+        out = work / "out.h5"
+        earlier = _complete_earlier(tiny_gpt2, out)
+        spec = write_yaml(work / "spec.yaml", _spec(tiny_gpt2))
         proc = _driver(
-            tmp_path, ["run", str(spec), "-o", str(out), "--overwrite"], NNRUN_TEST_STAGE=stage
+            work, ["run", str(spec), "-o", str(out), "--overwrite"], NNRUN_TEST_STAGE=stage
         )
-        _wait_for(tmp_path / "mark", proc)
+        runs[sig] = (work, out, earlier, proc)
+    for sig, (work, out, earlier, proc) in runs.items():
+        partial = work / "out.partial.h5"
+        _wait_for(work / "mark", proc)
         sent = time.monotonic()
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
         assert time.monotonic() - sent < 10, "the run did not stop within seconds"
-        assert proc.returncode == code, (stage, sig, stdout, stderr)
+        assert proc.returncode == 128 + sig, (stage, sig, stdout, stderr)  # 130, 143
         assert "Traceback" not in stderr and "internal error" not in stderr
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"interrupted by {sig.name}"), stderr
         assert out.read_bytes() == earlier  # the complete output was never touched
         assert f"the earlier {out} was not touched" in lines[0]
-        assert not (tmp_path / "out.h5.lock").exists()
+        assert not (work / "out.h5.lock").exists()
         if stage == "load":
             assert not partial.exists() and "nothing was written" in lines[0]
             continue
