@@ -46,8 +46,9 @@ def run(
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     # The stored spec must be the one that ran: -o goes into it.
+    data = loaded.data
     target = output_path(
-        output if output is not None else loaded.data["output"], loaded.data["output"]
+        output if output is not None else data["output"], data["output"], data["name"]
     )
     loaded = with_output(loaded, str(target))
     with claim_output(target, overwrite=overwrite):

@@ -388,6 +388,10 @@ def test_output_ending_in_a_slash_is_a_directory(
         stored = h5_str(f.attrs["spec"])
         assert "output: o/newdir/exp.h5" in stored and "seed: 5" in stored
         assert json.loads(h5_str(f.attrs["overrides"])) == ["seed=5"]
+    # A spec whose own output is a directory gets <name>.h5 in it.
+    dir_spec = write_yaml(tmp_path / "d.yaml", _spec(tiny_gpt2, name="named", output="res/"))
+    assert nnrun.run(dir_spec).path == Path("res/named.h5")
+    assert _status(tmp_path / "res" / "named.h5") == "complete"
     refused = CliRunner().invoke(app, ["run", str(spec), "-o", "."])
     assert isinstance(refused.exception, OutputError)  # main() prints it, exit 1
     assert "the output path . is a directory" in str(refused.exception)

@@ -176,10 +176,7 @@ def _run_bases(tiny_gpt2: Path, tiny_llama: Path, workdir: Path) -> list[dict[st
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["run"])
-def test_run_survives_mutated_specs(
-    kind: str, tiny_gpt2: Path, tiny_llama: Path, fuzz_dir: Path
-) -> None:
+def test_run_survives_mutated_specs(tiny_gpt2: Path, tiny_llama: Path, fuzz_dir: Path) -> None:
     bases = _run_bases(tiny_gpt2, tiny_llama, fuzz_dir)
     harness = Harness(limit_s=60)
     counter = iter(range(10**9))

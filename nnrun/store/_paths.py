@@ -20,27 +20,30 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.stem + ".partial" + path.suffix)
 
 
-def output_path(given: str | Path, spec_output: str | Path | None = None) -> Path:
+def output_path(given: str | Path, spec_output: str | Path | None = None, name: str = "") -> Path:
     """The output file a `-o` value (or a spec's `output:`) names.
 
     A value ending in a slash names a directory: the file goes inside it under the
     file name of `spec_output` (`-o results/` with `output: runs/exp.h5` gives
-    `results/exp.h5`). Anything else is the file itself.
+    `results/exp.h5`), or `<name>.h5` when the spec's output is a directory too.
+    Anything else is the file itself.
     """
     text = os.fspath(given)
     if not text.strip():
         raise OutputError("the output path is empty")
     if "\x00" in text:
         raise OutputError(f"the output path {text!r} contains a NUL character")
-    if text.endswith(("/", os.sep)):
-        name = Path(os.fspath(spec_output)).name if spec_output is not None else ""
-        if not name or os.fspath(spec_output).endswith(("/", os.sep)):
-            raise OutputError(
-                f"-o {text} names a directory, and the spec's output gives no file name to "
-                "put in it; write the file name too (-o DIR/NAME.h5)"
-            )
-        return Path(text) / name
-    return Path(text)
+    if not text.endswith(("/", os.sep)):
+        return Path(text)
+    spec_text = "" if spec_output is None else os.fspath(spec_output)
+    file_name = "" if spec_text.endswith(("/", os.sep)) else Path(spec_text).name
+    file_name = file_name or (f"{name}.h5" if name else "")
+    if not file_name:
+        raise OutputError(
+            f"{text} names a directory and there is no file name to put in it; "
+            "write the file name too (DIR/NAME.h5)"
+        )
+    return Path(text) / file_name
 
 
 def check_output_path(path: Path) -> None:
