@@ -9,6 +9,7 @@ torch.Size([2, 30, 1, 576])
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,13 +300,13 @@ def model_spec_for(target: str) -> tuple[dict[str, Any], str]:
 
     sample = "The capital of France is"
     path = Path(target)
-    if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
+    if os.path.isfile(path) and path.suffix in (".yaml", ".yml", ".json"):
         loaded = check_spec(path)
         prompts = loaded.data.get("prompts", {})
         if isinstance(prompts, dict) and "file" not in prompts and prompts:
             sample = str(next(iter(prompts.values())))
         return dict(loaded.data["model"]), sample
-    if path.is_dir():
+    if os.path.isdir(path):
         return {"path": str(path)}, sample
     if path.suffix == ".gguf":
         return {"gguf": str(path)}, sample

@@ -115,7 +115,7 @@ def test_validate_survives_damaged_text(fuzz_dir: Path) -> None:
 
 def test_load_spec_survives_mutated_dicts() -> None:
     """The Python API takes dicts, which may hold what no file can (deep nesting, NaN keys)."""
-    from nnrun.spec import load_spec, validate_spec
+    from nnrun.spec import SpecError, load_spec, validate_spec
 
     harness = Harness(limit_s=20)
 
@@ -123,8 +123,14 @@ def test_load_spec_survives_mutated_dicts() -> None:
     @given(spec=mutated_spec(BASE_SPECS), sets=overrides())
     def case(spec: dict[str, Any], sets: list[str]) -> None:
         data = materialize(spec)
+
+        def check() -> None:
+            issues = validate_spec(load_spec(data, sets))
+            if issues:  # a clean error: every issue a message with its path
+                raise SpecError(issues)
+
         harness.call(
-            lambda: validate_spec(load_spec(data, sets)),
+            check,
             f"load_spec {describe(spec)} {sets}",
             (NnrunError,),
         )

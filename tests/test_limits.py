@@ -325,3 +325,41 @@ def test_show_loads_no_tokenizer_from_a_path_in_the_file(
         cli.main()
     assert exited.value.code == 0
     assert "logits" in capsys.readouterr().out
+
+
+def test_names_the_os_refuses_are_clear_errors(tmp_path: Path) -> None:
+    """A name too long for the file system is "not found", not an OSError (fuzzing found it)."""
+    long = "a" * 600
+    with pytest.raises(NnrunError, match="does not exist"):
+        nnrun.run(
+            {"nnrun": 1, "model": {"path": long}, "prompts": ["hi"]}, output=tmp_path / "o.h5"
+        )
+    with pytest.raises(NnrunError, match="does not exist"):
+        nnrun.run(
+            {"nnrun": 1, "model": {"gguf": long + ".gguf"}, "prompts": ["hi"]},
+            output=tmp_path / "o.h5",
+        )
+    issues = _issues(
+        {
+            "nnrun": 1,
+            "prompts": {"file": long + ".jsonl"},
+            "edits": [{"at": "output", "add": {"file": long + ".h5", "dataset": "v"}}],
+        }
+    )
+    assert [i.split(":")[0] for i in issues] == ["prompts.file", "edits[0].add.file"]
+    assert all("not found" in i for i in issues)
+
+
+def test_show_refuses_to_read_labels_a_file_declares_by_the_billion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from nnrun import cli
+
+    path = tmp_path / "huge.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("generation/text", shape=(2**40,), dtype="f4", chunks=(1024,))
+    monkeypatch.setattr("sys.argv", ["nnrun", "show", str(path)])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 1
+    assert "/generation/text in" in capsys.readouterr().err

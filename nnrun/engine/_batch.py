@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def iter_prompts(source: PromptSource) -> Iterator[tuple[str, str]]:
         yield from source.inline
         return
     path = Path(source.file or "")
-    if not path.is_file():
+    if not os.path.isfile(path):  # os.path: False, not an error, for a name too long
         raise RunError(f"prompts.file: no such file '{path}'")
     count = 0
     seen: dict[str, int] = {}

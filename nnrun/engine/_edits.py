@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
 
     path = Path(operand.file)
     where = f"{what}: {operand.dataset!r} in {path}"
-    if not path.is_file():
+    if not os.path.isfile(path):  # os.path: False, not an error, for a name too long
         raise RunError(
             f"{what}: no such file '{path}' (relative paths start at the current directory)"
         )

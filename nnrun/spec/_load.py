@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -53,7 +54,7 @@ def _read(source: str | Path) -> tuple[Any, dict[str, int], Path | None]:
     path = Path(source)
     shown = str(path)
     if not _is_file(path):
-        problem = "is a directory, not a spec file" if path.is_dir() else "not found"
+        problem = "is a directory, not a spec file" if os.path.isdir(path) else "not found"
         raise SpecError([SpecIssue("", f"spec file {problem}", None, shown)])
     try:
         text = path.read_text(encoding="utf-8")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,8 +166,8 @@ class _open:  # noqa: N801 - a context manager used like a function
         self.path = Path(path)
 
     def __enter__(self) -> h5py.File:
-        if not self.path.is_file():
-            what = "is a directory" if self.path.is_dir() else "does not exist"
+        if not os.path.isfile(self.path):
+            what = "is a directory" if os.path.isdir(self.path) else "does not exist"
             raise UnreadableFile(f"{self.path} {what}")
         try:
             self.file = h5py.File(self.path, "r")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from nnrun.store._text import read_texts
 
 # What h5py raises on files it can open but not make sense of (crafted or damaged ones).
 _FORMAT_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError)
+# Labels and texts are read whole; a file from elsewhere may declare any number of them.
+_MAX_LABELS = 1 << 24
 
 
 class Results(Mapping[str, Any]):
@@ -31,7 +34,7 @@ class Results(Mapping[str, Any]):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
+        if not os.path.isfile(self.path):
             raise NnrunError(f"no such output file '{self.path}'")
         try:
             with h5py.File(self.path, "r") as f:
@@ -107,13 +110,13 @@ class Results(Mapping[str, Any]):
                 group = f.get(group_name)
                 if not isinstance(group, h5py.Group) or not _is_dataset(group, "text"):
                     return {}
+                _check_size(group["text"], self.path)
                 texts = read_texts(group, "text")
                 prompts = f.get("prompts")
-                ids = (
-                    read_texts(prompts, "id")
-                    if isinstance(prompts, h5py.Group) and _is_dataset(prompts, "id")
-                    else [str(i) for i in range(len(texts))]
-                )
+                has_ids = isinstance(prompts, h5py.Group) and _is_dataset(prompts, "id")
+                if has_ids:
+                    _check_size(prompts["id"], self.path)
+                ids = read_texts(prompts, "id") if has_ids else [str(i) for i in range(len(texts))]
         except _FORMAT_ERRORS as e:
             raise NnrunError(f"cannot read /{group_name} of {self.path}: {e}") from None
         return dict(zip(ids, texts))
@@ -127,6 +130,7 @@ class Results(Mapping[str, Any]):
                 group = group.get(save) if isinstance(group, h5py.Group) else None
                 if not isinstance(group, h5py.Group) or not _is_dataset(group, axis):
                     return None
+                _check_size(group[axis], self.path)
                 return group[axis][()]
         except _FORMAT_ERRORS as e:
             raise NnrunError(f"cannot read the {axis} axis of save '{name}': {e}") from None
@@ -140,6 +144,12 @@ class Results(Mapping[str, Any]):
 def load(path: str | Path) -> Results:
     """Open an nnrun output file for reading."""
     return Results(path)
+
+
+def _check_size(ds: h5py.Dataset, path: Path) -> None:
+    size = int(np.prod(ds.shape)) if ds.shape is not None else 0
+    if size > _MAX_LABELS:
+        raise NnrunError(f"{ds.name} in {path} declares {size:,} entries; not read")
 
 
 def _is_dataset(group: h5py.Group, name: str) -> bool:
