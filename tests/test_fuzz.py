@@ -85,7 +85,7 @@ def test_validate_survives_mutated_specs(fuzz_dir: Path) -> None:
     harness = Harness(limit_s=20)
     path = fuzz_dir / "spec.yaml"
 
-    @settings(FUZZ, max_examples=_examples(1200))
+    @settings(FUZZ, max_examples=_examples(1000))
     @given(spec=mutated_spec(BASE_SPECS), fmt=st.sampled_from(["yaml", "json"]), sets=overrides())
     def case(spec: dict[str, Any], fmt: str, sets: list[str]) -> None:
         target = path.with_suffix("." + fmt)
@@ -102,7 +102,7 @@ def test_validate_survives_mutated_specs(fuzz_dir: Path) -> None:
 def test_validate_survives_damaged_text(fuzz_dir: Path) -> None:
     harness = Harness(limit_s=20)
 
-    @settings(FUZZ, max_examples=_examples(800))
+    @settings(FUZZ, max_examples=_examples(700))
     @given(data=mutated_text(BASE_SPECS), suffix=st.sampled_from([".yaml", ".json", ".txt"]))
     def case(data: bytes, suffix: str) -> None:
         target = fuzz_dir / f"damaged{suffix}"
@@ -119,7 +119,7 @@ def test_load_spec_survives_mutated_dicts() -> None:
 
     harness = Harness(limit_s=20)
 
-    @settings(FUZZ, max_examples=_examples(500))
+    @settings(FUZZ, max_examples=_examples(400))
     @given(spec=mutated_spec(BASE_SPECS), sets=overrides())
     def case(spec: dict[str, Any], sets: list[str]) -> None:
         data = materialize(spec)
