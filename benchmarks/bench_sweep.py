@@ -96,14 +96,17 @@ def main() -> None:
     loaded = check_spec(spec())
 
     def via_nnrun() -> torch.Tensor:
-        results = nnrun.run(loaded, output=tmp / "sweep.h5")
+        results = nnrun.run(loaded, output=tmp / "sweep.h5", overwrite=True)
         return torch.from_numpy(results.metric("p_paris")[:, 0])
 
     singles = [check_spec(spec([layer])) for layer in range(LAYERS)]
 
     def via_nnrun_loop() -> torch.Tensor:
         # A notebook loop: one nnrun.run per layer (the model stays loaded between calls).
-        found = [nnrun.run(one, output=tmp / "one.h5").metric("p_paris")[0, 0] for one in singles]
+        found = [
+            nnrun.run(one, output=tmp / "one.h5", overwrite=True).metric("p_paris")[0, 0]
+            for one in singles
+        ]
         return torch.tensor(found)
 
     model = cached_model(loaded.points()[0].data["model"])

@@ -15,7 +15,7 @@ that needs them is first used, so `nnrun validate` stays fast.
 from importlib import import_module
 from typing import Any
 
-from nnrun.errors import CompileError, ModelError, NnrunError, RunError
+from nnrun.errors import CompileError, Interrupted, ModelError, NnrunError, OutputError, RunError
 
 __version__ = "0.1.0"
 
@@ -32,13 +32,23 @@ _LAZY = {
     "top_next_tokens": "nnrun.api",
     "Results": "nnrun.store",
     "load": "nnrun.store",
+    "diff": "nnrun.store",
+    "DiffReport": "nnrun.store",
     "SpecError": "nnrun.spec",
     "check_spec": "nnrun.spec",
     "load_spec": "nnrun.spec",
     "validate_spec": "nnrun.spec",
 }
 
-__all__ = ["CompileError", "ModelError", "NnrunError", "RunError", *_LAZY]
+__all__ = [
+    "CompileError",
+    "Interrupted",
+    "ModelError",
+    "NnrunError",
+    "OutputError",
+    "RunError",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

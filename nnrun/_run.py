@@ -269,7 +269,7 @@ class SweepRunner:
 
     def _compile(self, points: tuple[SweepPoint, ...], model: Any) -> Any:
         from nnrun.compile import compile_point, pack_points
-        from nnrun.engine import preflight
+        from nnrun.engine import count_prompts, preflight
 
         self.state.stage = "compiling"
         self.report(self.state)
@@ -284,15 +284,20 @@ class SweepRunner:
                 self._fail(point, e)
                 continue
             compiled.append((point, plan))
-        return pack_points(compiled, spec_text=self.spec.text) if compiled else None
+        if not compiled:
+            return None
+        plan = pack_points(compiled, spec_text=self.spec.text)
+        if plan.rows is None:
+            # Read the whole prompt file once now: a bad line is reported before any
+            # output file exists, and the count gives the progress bar its total.
+            self.state.rows_total = (self.state.rows_total or 0) + count_prompts(plan.prompts)
+        return plan
 
     def _execute_plan(self, plan: Any, model: Any) -> None:
-        from nnrun.engine import Engine, count_prompts
+        from nnrun.engine import Engine
 
         self.out.register(plan)
         engine = Engine(plan, model.model, model.tokenizer)
-        if plan.rows is None:  # a prompt file: count its lines once
-            self.state.rows_total = (self.state.rows_total or 0) + count_prompts(plan.prompts)
         self.state.stage = "running"
         self.report(self.state)
         self._execute(engine, plan)

@@ -8,6 +8,8 @@ torch.Size([2, 30, 1, 576])
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +29,7 @@ def run(
     overrides: Sequence[str] = (),
     *,
     output: str | Path | None = None,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] | None = None,
     resume: bool = False,
@@ -43,51 +46,65 @@ def run(
     need `yes=True`. Loaded models stay cached between calls (`cache=False` to
     load afresh; `nnrun.clear_cache()` to free them).
 
+    `output` replaces the spec's output file (ending in "/": that directory, with
+    the spec's file name); an existing output is replaced only with `overwrite`.
+    The output path is checked and locked before the model loads; SIGINT and
+    SIGTERM raise `nnrun.Interrupted` and leave at most a file marked partial.
+
     >>> results = nnrun.run("specs/activation-patching.yaml")        # doctest: +SKIP
     >>> results.metric("logit_diff").shape, results.coords("logit_diff")  # doctest: +SKIP
     """
     from nnrun._run import SweepRunner, check_size, done_points, sweep_layout
     from nnrun.compile import model_device
     from nnrun.engine._batch import iter_prompt_meta
-    from nnrun.spec import is_prompt_file
-    from nnrun.store import OutputWriter, provenance
+    from nnrun.spec import is_prompt_file, with_output
+    from nnrun.store import OutputWriter, claim_output, input_files, output_path, provenance
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     check_size(loaded, yes)
-    path = Path(output) if output is not None else Path(loaded.data["output"])
-    runner = SweepRunner(
-        loaded,
-        done=done_points(loaded, path) if resume else None,
-        progress=progress,
-        log=log,
-        cache=cache,
+    # The stored spec must be the one that ran: -o goes into it.
+    data = loaded.data
+    target = output_path(
+        output if output is not None else data["output"], data["output"], data["name"]
     )
-    model = runner.first_model()
-    # Compile the first group before opening the file: a spec without a sweep that
-    # does not compile leaves no file.
-    first_plan = runner.prepare(0)[0] if runner.groups else None
-    first = loaded.points()[0].data
-    attrs = provenance(
-        loaded.text,
-        int(first.get("seed", 0)),
-        model.info.as_attrs(),
-        str(model_device(model.model)),
-    )
-    streamed = is_prompt_file(first["prompts"])
-    meta = None
-    if streamed and first_plan is not None:
-        meta = partial(iter_prompt_meta, first_plan.prompts)  # extra JSONL fields
-    with OutputWriter(
-        path,
-        attrs,
-        sizes=_model_sizes(model.model),
-        prompt_ids=None if streamed else tuple(first["prompts"]),
-        sweep=sweep_layout(loaded),
-        resume=resume,
-        prompt_meta=meta,
-    ) as out:
-        runner.run(out)
-    return load(path)
+    loaded = with_output(loaded, str(target))
+    with claim_output(target, overwrite=overwrite):
+        runner = SweepRunner(
+            loaded,
+            done=done_points(loaded, target) if resume else None,
+            progress=progress,
+            log=log,
+            cache=cache,
+        )
+        model = runner.first_model()
+        # Compile the first group before opening the file: a spec without a sweep that
+        # does not compile leaves no file.
+        first_plan = runner.prepare(0)[0] if runner.groups else None
+        first = loaded.points()[0].data
+        attrs = provenance(
+            loaded.text,
+            int(first.get("seed", 0)),
+            model.info.as_attrs(),
+            str(model_device(model.model)),
+        )
+        attrs["overrides"] = json.dumps(list(loaded.overridden.values()))
+        points = [(p.label, p.data) for p in loaded.points()] if loaded.sweep else None
+        attrs["inputs"] = json.dumps(input_files(loaded.data, points))
+        streamed = is_prompt_file(first["prompts"])
+        meta = None
+        if streamed and first_plan is not None:
+            meta = partial(iter_prompt_meta, first_plan.prompts)  # extra JSONL fields
+        with OutputWriter(
+            target,
+            attrs,
+            sizes=_model_sizes(model.model),
+            prompt_ids=None if streamed else tuple(first["prompts"]),
+            sweep=sweep_layout(loaded),
+            resume=resume,
+            prompt_meta=meta,
+        ) as out:
+            runner.run(out)
+    return load(target)
 
 
 def _model_sizes(model: Any) -> dict[str, int]:
@@ -101,19 +118,44 @@ def _model_sizes(model: Any) -> dict[str, int]:
 
 
 def describe_saves(results: Results) -> dict[str, dict[str, Any]]:
-    """Axes, shape, dtype and size of every dataset under /saves."""
+    """Axes, shape, dtype and size of every dataset under /saves.
+
+    A file from elsewhere may be damaged or crafted: what cannot be read is
+    shown as such instead of failing.
+    """
+    import math
+
     import h5py
 
     rows: dict[str, dict[str, Any]] = {}
     with h5py.File(results.path, "r") as f:
-        for name, ds in f["saves"].items():
+        for name in results:
+            ds = f["saves"][name]
+            axes = _axes_or_none(results, name)
+            shape = ds.shape
+            dtype = ds.attrs.get("torch_dtype", ds.dtype)
             rows[name] = {
-                "axes": ", ".join(results.axes(name)),
-                "shape": str(tuple(ds.shape)),
-                "dtype": str(ds.attrs.get("torch_dtype", ds.dtype)),
-                "bytes": int(ds.size * ds.dtype.itemsize),
+                "axes": "(unreadable axes attribute)" if axes is None else ", ".join(axes),
+                "shape": "(empty)" if shape is None else str(tuple(shape)),
+                "dtype": dtype.decode("utf-8", "replace")
+                if isinstance(dtype, bytes)
+                else str(dtype),
+                "bytes": 0 if shape is None else math.prod(shape) * ds.dtype.itemsize,
             }
     return rows
+
+
+def _axes_or_none(results: Results, name: str) -> list[str] | None:
+    from nnrun.errors import NnrunError
+
+    try:
+        return results.axes(name)
+    except NnrunError:
+        return None
+
+
+# Logits read for the top-tokens table at most (a file from elsewhere may declare any size).
+_TOP_TOKENS_MAX_ELEMENTS = 1 << 28
 
 
 def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tuple[str, float]]]]:
@@ -121,26 +163,39 @@ def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tu
 
     Returns {save: {prompt id: [(token text, probability), ...]}}; saves that
     are not logits at a single position are skipped. The tokenizer is loaded
-    from the model path recorded in the file (local files only).
+    from the model directory recorded in the file, from local files only and
+    never with its own code (`nnrun run` uses this for the file it just wrote;
+    `nnrun show` does not, since a file from elsewhere could name any directory).
     """
+    import math
+
+    import h5py
     import numpy as np
 
     found: dict[str, dict[str, list[tuple[str, float]]]] = {}
     # Only (prompt, token, vocab) saves: with layer or step axes there is no
     # single "next token" per prompt.
-    candidates = [name for name in results if results.axes(name) == ["prompt", "token", "vocab"]]
-    if not candidates:
+    candidates = []
+    with h5py.File(results.path, "r") as f:
+        for name in results:
+            ds = f["saves"][name]
+            if (
+                _axes_or_none(results, name) == ["prompt", "token", "vocab"]
+                and ds.dtype.kind == "f"
+                and ds.ndim == 3
+                and ds.shape[1] == 1
+                and math.prod(ds.shape) <= _TOP_TOKENS_MAX_ELEMENTS
+            ):
+                candidates.append(name)
+    path = results.attrs.get("model_resolved_path")
+    if not candidates or not isinstance(path, str) or not Path(path).is_dir():
         return found
-    from nnrun.errors import NnrunError
-
     try:
-        tokenizer = results.tokenizer()  # local files only, never remote code
-    except NnrunError:
+        tokenizer = results.tokenizer()  # local files only, never the tokenizer's own code
+    except Exception:  # any tokenizer problem only costs the table, never the run
         return found
     for name in candidates:
         logits = results.array(name)  # (prompt, token, vocab)
-        if logits.shape[1] != 1:
-            continue
         by_prompt = {}
         for prompt, row in zip(results.prompt_ids(name), logits[:, 0].astype(np.float64)):
             probs = np.exp(row - row.max())
@@ -349,13 +404,13 @@ def model_spec_for(target: str) -> tuple[dict[str, Any], str]:
 
     sample = "The capital of France is"
     path = Path(target)
-    if path.is_file() and path.suffix in (".yaml", ".yml", ".json"):
+    if os.path.isfile(path) and path.suffix in (".yaml", ".yml", ".json"):
         loaded = check_spec(path)
         prompts = loaded.data.get("prompts", {})
         if isinstance(prompts, dict) and "file" not in prompts and prompts:
             sample = str(next(iter(prompts.values())))
         return dict(loaded.data["model"]), sample
-    if path.is_dir():
+    if os.path.isdir(path):
         return {"path": str(path)}, sample
     if path.suffix == ".gguf":
         return {"gguf": str(path)}, sample

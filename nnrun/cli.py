@@ -1,11 +1,13 @@
 """The `nnrun` command line: parse arguments, call nnrun.api, print with rich.
 
 Every verb is a few lines over a library function; errors meant for the user
-print as one message (exit 1), and `--debug` shows the traceback instead.
+print as one message (exit 1), usage errors print typer's usage message (exit 2),
+and `--debug` (anywhere on the line) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,13 +20,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from nnrun._complete import complete_output, complete_spec, complete_template
-from nnrun.errors import NnrunError
+from nnrun.errors import Interrupted, NnrunError
 
 app = typer.Typer(
     # --install-completion / --show-completion: typer's own (bash, zsh, fish, PowerShell).
     add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Run declarative experiments on neural-network internals (see `nnrun COMMAND --help`).",
 )
 console = Console()
@@ -33,12 +36,30 @@ err_console = Console(stderr=True, soft_wrap=True)
 _debug = False
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from nnrun import __version__
+
+        console.print(f"nnrun {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for errors (anywhere on the line).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
+    # main() takes --debug out of the arguments wherever it stands; this option
+    # only documents it (and catches `nnrun --debug` run through typer directly).
     global _debug
-    _debug = debug
+    _debug = _debug or debug
 
 
 SpecArg = Annotated[
@@ -52,7 +73,15 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override a spec key: -s generate.max_new_tokens=8"),
 ]
 OutputOption = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Output file (default: the spec's)")
+    str | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output file (default: the spec's); ending in / puts the spec's file name there.",
+    ),
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output file.")
 ]
 ResumeOption = Annotated[
     bool, typer.Option("--resume", help="Continue an interrupted sweep from its partial file.")
@@ -73,6 +102,7 @@ def run(
     spec: SpecArg,
     set_: SetOption = None,
     output: OutputOption = None,
+    overwrite: OverwriteOption = False,
     resume: ResumeOption = False,
     yes: YesOption = False,
     quiet: QuietOption = False,
@@ -80,16 +110,22 @@ def run(
     """Run an experiment (every point of its sweep, if it has one) and write its HDF5 file."""
     from nnrun import api
 
-    with _progress_bar(quiet) as (progress, log):
-        results = api.run(
-            _spec_source(spec),
-            set_ or (),
-            output=output,
-            progress=progress,
-            log=log,
-            resume=resume,
-            yes=yes,
-        )
+    try:
+        with _progress_bar(quiet) as (progress, log):
+            results = api.run(
+                _spec_source(spec),
+                set_ or (),
+                output=output,
+                overwrite=overwrite,
+                progress=progress,
+                log=log,
+                resume=resume,
+                yes=yes,
+            )
+    except Interrupted as e:
+        # One line: what stopped the run and what it left where (130 for Ctrl-C, 143 for TERM).
+        err_console.print(f"[red]{escape(str(e))}[/red]", highlight=False)
+        raise typer.Exit(e.exit_code) from None
     _print_summary(results, decode=True)
     failed = results.failed_points()
     if failed:
@@ -106,12 +142,13 @@ def sweep(
     spec: SpecArg,
     set_: SetOption = None,
     output: OutputOption = None,
+    overwrite: OverwriteOption = False,
     resume: ResumeOption = False,
     yes: YesOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Run a sweep: the same as `nnrun run` (which runs sweeps too)."""
-    run(spec, set_, output, resume, yes, quiet)
+    run(spec, set_, output, overwrite, resume, yes, quiet)
 
 
 @contextmanager
@@ -412,7 +449,9 @@ def show(
     points = results.points()
     if points:
         coords = results.coords()
-        table.add_row("sweep", escape(", ".join(f"{k} = {_short(v)}" for k, v in coords.items())))
+        table.add_row(
+            "sweep", escape(", ".join(f"{k} = {_short_values(v)}" for k, v in coords.items()))
+        )
         counts = {s: sum(p["status"] == s for p in points) for s in ("done", "failed", "pending")}
         table.add_row(
             "points", ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(points)}"
@@ -547,6 +586,109 @@ def plot(
 
     written = draw(output, name, figure, prompt=prompt, reduce=reduce)
     console.print(f"wrote {written}")
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="An output file (.h5), e.g. the published one.")],
+    b: Annotated[Path, typer.Argument(help="The output file to compare with it.")],
+    rtol: Annotated[
+        float, typer.Option(min=0.0, help="Relative tolerance for floating-point values.")
+    ] = 0.0,
+    atol: Annotated[
+        float, typer.Option(min=0.0, help="Absolute tolerance for floating-point values.")
+    ] = 0.0,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="Compare only this save, group or dataset path (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Compare two output files dataset by dataset: exit 0 equal, 1 different, 2 unreadable.
+
+    Floating-point values match when |a - b| <= atol + rtol * |b| (NaN matches NaN);
+    token ids, texts and other values must match exactly. Differences in provenance
+    (versions, times, device, commit) are listed but never fail.
+    """
+    import json
+    import math
+
+    from nnrun.store import diff as diff_files
+
+    for value, name in ((rtol, "--rtol"), (atol, "--atol")):
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number", param_hint=name)
+    try:
+        report = diff_files(a, b, rtol=rtol, atol=atol, only=only or ())
+    except NnrunError as e:
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+        raise typer.Exit(report.exit_code)
+    _print_diff(report)
+    raise typer.Exit(report.exit_code)
+
+
+def _print_diff(report) -> None:
+    table = Table(title=f"{report.a} vs {report.b} (rtol {report.rtol:g}, atol {report.atol:g})")
+    table.add_column("dataset", no_wrap=True)
+    for column in ("shape, dtype", "max abs", "max rel", "worst index: A vs B", "verdict"):
+        table.add_column(column, overflow="fold")
+    colour = {True: "green", False: "red"}
+    for row in report.datasets:
+        shape = row.shape if row.shape is not None else row.shape_b
+        layout = f"{shape} {row.dtype or row.dtype_b or ''}"
+        if row.verdict in ("shape differs", "dtype differs"):
+            layout = f"{row.shape} {row.dtype} vs {row.shape_b} {row.dtype_b}"
+        worst = "" if row.worst is None else str(row.worst)
+        if row.worst is not None and row.a_value is not None:
+            worst += f": {row.a_value} vs {row.b_value}"
+        verdict = row.verdict + (f" ({row.differing:,} of {row.size:,})" if row.differing else "")
+        if row.note:
+            verdict += f"; {row.note}"
+        table.add_row(
+            escape(row.name),
+            escape(layout),
+            "" if row.max_abs is None else f"{row.max_abs:.3g}",
+            "" if row.max_rel is None else f"{row.max_rel:.3g}",
+            escape(worst),
+            f"[{colour[row.ok]}]{escape(verdict)}[/{colour[row.ok]}]",
+        )
+    console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if report.provenance:
+        prov = Table(title="provenance differences (never fail)")
+        prov.add_column("attribute", no_wrap=True)
+        for column in ("A", "B"):
+            prov.add_column(column, overflow="fold")
+        for d in report.provenance:
+            prov.add_row(escape(d.key), *(escape(v) for v in _first_difference(d.a, d.b)))
+        console.print(prov)
+    failing = sum(not row.ok for row in report.datasets)
+    if report.equal:
+        console.print(f"[green]equal[/green]: {len(report.datasets)} datasets compared")
+    else:
+        console.print(f"[red]different[/red]: {failing} of {len(report.datasets)} datasets")
+
+
+def _first_difference(a: str | None, b: str | None) -> tuple[str, str]:
+    """Two attribute values shortened to what differs (the first differing line of a text)."""
+    if a is not None and b is not None and ("\n" in a or "\n" in b):
+        lines_a, lines_b = a.splitlines(), b.splitlines()
+        for i, (x, y) in enumerate(zip(lines_a, lines_b)):
+            if x != y:
+                return f"line {i + 1}: {_short(x)}", f"line {i + 1}: {_short(y)}"
+        return f"{len(lines_a)} lines", f"{len(lines_b)} lines"
+    return _short(a), _short(b)
+
+
+def _short(value: str | None, limit: int = 100) -> str:
+    if value is None:
+        return "(missing)"
+    value = " ".join(value.split())
+    return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
 def _log(message: str) -> None:
@@ -721,7 +863,7 @@ def _heatmap(grid) -> Table:
     return table
 
 
-def _short(values: list) -> str:
+def _short_values(values: list) -> str:
     """A sweep variable's values, shortened: [0, 1, 2, ..., 29] (30 values)."""
     if len(values) <= 8:
         return str(values)
@@ -735,48 +877,52 @@ def _number(value) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM stops a run like Ctrl-C: the output file is closed and left marked partial."""
-    import signal
+def _exit(code: int) -> None:
+    faults = sys.modules.get("nnrun.store._faults")
+    if faults is not None and faults.hdf5_broken():
+        # HDF5 failed to write a file and may crash while the interpreter shuts down
+        # (see nnrun.store._faults): leave without that clean-up; the file is gone.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+def _strip_debug(args: list[str]) -> tuple[list[str], bool]:
+    """Take `--debug` out of the arguments wherever it stands (not after `--`)."""
+    end = args.index("--") if "--" in args else len(args)
+    kept = [a for a in args[:end] if a != "--debug"] + args[end:]
+    return kept, len(kept) != len(args)
 
 
 def main() -> None:
-    """Console entry point: user errors print as one line, exit 1."""
-    _stop_on_sigterm()
+    """Console entry point: user errors print as one line (exit 1), usage errors
+    as typer's usage message (exit 2); only real bugs are called bugs."""
+    global _debug
+    args, _debug = _strip_debug(sys.argv[1:])
     try:
-        code = app(standalone_mode=False)
+        # Standalone: typer itself reports usage errors (exit 2), --help and --version.
+        app(args=args, prog_name="nnrun", standalone_mode=True)
     except NnrunError as e:
         if _debug:
             raise
-        err_console.print(f"[red]error:[/red] {e}", highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]: no output was marked complete")
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        _exit(1)
+    except KeyboardInterrupt as e:
+        if _debug:
+            raise
+        kept = e.kept if isinstance(e, Interrupted) else "nothing was marked complete"
+        err_console.print(f"[red]interrupted[/red]: {escape(kept)}", highlight=False)
+        sys.exit(e.exit_code if isinstance(e, Interrupted) else 130)
+    except Exception as e:
         if _debug:
             raise
         err_console.print(
-            f"[red]internal error:[/red] {type(e).__name__}: {e}\n"
+            f"[red]internal error:[/red] {escape(f'{type(e).__name__}: {e}')}\n"
             "This is a bug in nnrun; rerun with --debug for the traceback.",
             highlight=False,
         )
         sys.exit(2)
-    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

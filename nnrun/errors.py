@@ -17,3 +17,37 @@ class CompileError(NnrunError):
 
 class RunError(NnrunError):
     """Raised while executing a plan (for example a shape mismatch at a site)."""
+
+
+class OutputError(NnrunError):
+    """The output file cannot be written: a bad path, an existing output, a busy lock, a full disk."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM.
+
+    A KeyboardInterrupt, so code that catches Ctrl-C catches it too. Once the run
+    has cleaned up, `kept` says what was left on disk, in one sentence.
+    """
+
+    def __init__(self, signum: int = 2, kept: str = "") -> None:
+        super().__init__(signum, kept)
+        self.signum = signum
+        self.kept = kept
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process killed by it."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal_name}" + (f"; {self.kept}" if self.kept else "")

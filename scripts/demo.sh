@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 # The converted model lives in nnrun's one cache ($NNRUN_CACHE, default ~/.cache/nnrun),
 # shared with a plain `nnrun run`, so the conversion happens once per machine.
-.venv/bin/nnrun run examples/demo.yaml "$@"
+# --overwrite: running the demo again replaces its output (nnrun refuses that by default).
+.venv/bin/nnrun run examples/demo.yaml --overwrite "$@"

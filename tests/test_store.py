@@ -22,7 +22,7 @@ import yaml
 from helpers import REPO, h5_str, one_torch_thread, write_jsonl
 
 import nnrun
-from nnrun.errors import RunError
+from nnrun.errors import OutputError, RunError
 from nnrun.models import load_model
 
 
@@ -286,8 +286,10 @@ def test_interrupt_keeps_the_earlier_complete_output(tiny_gpt2: Path, tmp_path: 
             raise KeyboardInterrupt
 
     spec = {**_gpt2_spec(tiny_gpt2, [FRANCE, LONG, "Hi"], tokens=[-1]), "batch_size": 1}
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        nnrun.run(spec, output=out)  # never replaced without being asked
     with pytest.raises(KeyboardInterrupt):
-        nnrun.run(spec, output=out, progress=interrupt)
+        nnrun.run(spec, output=out, progress=interrupt, overwrite=True)
     assert out.read_bytes() == earlier  # the failed rerun did not touch the complete file
     attrs = _attrs(partial)
     assert attrs["status"] == "partial" and attrs["error"].startswith("KeyboardInterrupt")
@@ -295,7 +297,7 @@ def test_interrupt_keeps_the_earlier_complete_output(tiny_gpt2: Path, tmp_path: 
         # The prompt axis is laid out in full; rows never reached stay empty.
         assert h5_str(f["prompts/id"][()]) == ["p0", "", ""]
 
-    nnrun.run(spec, output=out)  # a successful rerun replaces both
+    nnrun.run(spec, output=out, overwrite=True)  # a successful rerun replaces both
     assert not partial.exists()
     assert _attrs(out)["status"] == "complete"
     with h5py.File(out, "r") as f:

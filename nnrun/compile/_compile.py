@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from nnrun.compile._limits import check_edit_site, check_prompt_lengths
 from nnrun.compile._pack import pack_points
 from nnrun.compile._probe import cached_probe, value_shape
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
@@ -135,6 +136,7 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
         params = _params(op, edit[op])
         sources += params.get("over", [])
         for site in sites:
+            check_edit_site(model, site.module, site.port, site.label, f"{path}.at")
             target_rank = ranked(site, f"{path}.at")
             shape = probed[(site.module, site.port)].shape
             if op == "skip":
@@ -172,6 +174,7 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
         saves_at.setdefault(("", "output"), [])
         sources += [m.reference for m in metric_actions if m.reference is not None]
     prompt_source = _prompt_source(data["prompts"], tokenizer, bool(data.get("chat_template")))
+    check_prompt_lengths(prompt_source, tokenizer, model, generate)
     if sources and prompt_source.inline is None:
         raise CompileError(
             "edits read other prompts' values (from:, mean_ablate.over), which needs "

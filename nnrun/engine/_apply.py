@@ -29,10 +29,14 @@ def apply_steps(
                 value = value.to(weight.device)  # under a device map the module may live elsewhere
             try:
                 value = module.forward(value)
-            except RuntimeError as e:
+            except RunError:
+                raise
+            except Exception as e:  # any module's own code: a missing argument, a shape, ...
+                first = (str(e).splitlines() or [""])[0][:200]
                 raise RunError(
-                    f"apply: running {step.name} on a value of shape {tuple(value.shape)} "
-                    f"failed: {str(e).splitlines()[0]}"
+                    f"apply: running {step.name} ({type(module).__name__}) on a value of shape "
+                    f"{tuple(value.shape)} failed ({type(e).__name__}: {first}); apply takes "
+                    "modules that map one tensor to one tensor, such as a norm or lm_head"
                 ) from None
             if not isinstance(value, torch.Tensor):
                 value = value[0]
@@ -44,6 +48,28 @@ def apply_steps(
             return {"values": top.values, "indices": top.indices}
         value = _OPS[step.name](value)
     return value
+
+
+def check_apply(
+    steps: tuple[ApplyStep, ...],
+    value_shape: tuple[int, ...] | None,
+    modules: dict[str, nn.Module],
+    like: torch.Tensor,
+    what: str,
+) -> None:
+    """Run an apply chain once on zeros of the saved value's shape, before any prompt runs.
+
+    A module that cannot take the value alone (a decoder layer needs its position
+    embeddings, rotary_emb its positions) fails here, naming the save.
+    """
+    if value_shape is None or not any(step.kind == "module" for step in steps):
+        return
+    sample = torch.zeros((1, 1, *value_shape), dtype=like.dtype, device=like.device)
+    with torch.inference_mode():
+        try:
+            apply_steps(steps, sample, modules)
+        except RunError as e:
+            raise RunError(f"{what}: {e}") from None
 
 
 _OPS: dict[str, Any] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,11 @@ class Batch:
 def iter_prompts(source: PromptSource, tokenizer: Any = None) -> Iterator[tuple[str, str]]:
     """Yield (id, text) pairs, streaming a file source line by line.
 
-    With `chat_template: true` each text of a file goes through the tokenizer's chat
-    template as one user message (inline prompts were rendered by the compiler).
+    Every line is checked as it is read: UTF-8, JSON, a string (or number, for
+    ids) in the named fields, no NUL character, no id used twice. A file with no
+    prompt at all is an error too, not an empty run. With `chat_template: true`
+    each text of a file goes through the tokenizer's chat template as one user
+    message (inline prompts were rendered by the compiler).
     """
     if source.inline is not None:
         yield from source.inline
@@ -90,42 +94,106 @@ def iter_prompt_meta(source: PromptSource) -> Iterator[tuple[str, dict[str, Any]
 
 def _records(source: PromptSource) -> Iterator[tuple[str, str, dict[str, Any]]]:
     path = Path(source.file or "")
-    if not path.is_file():
+    if not os.path.isfile(path):  # os.path: False, not an error, for a name too long
         raise RunError(f"prompts.file: no such file '{path}'")
     count = 0
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    seen: dict[str, int] = {}
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             if source.limit is not None and count >= source.limit:
-                return
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RunError(
+                    f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                    f"{e.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             prompt_id, text, record = _parse_line(path, line_no, line, source)
+            if prompt_id in seen:
+                raise RunError(
+                    f"{path}:{line_no}: prompt id {prompt_id!r} is already used on line "
+                    f"{seen[prompt_id]}; ids must be unique"
+                )
+            seen[prompt_id] = line_no
             count += 1
             yield prompt_id, text, record
+    if count == 0:
+        raise RunError(f"prompts.file: {path} holds no prompts (it is empty or only blank lines)")
 
 
 def count_prompts(source: PromptSource) -> int:
-    """How many prompts the source holds (a cheap line count for files)."""
+    """How many prompts the source holds; reading a file this way checks every line."""
     if source.inline is not None:
         return len(source.inline)
-    with Path(source.file or "").open(encoding="utf-8") as f:
-        n = sum(1 for line in f if line.strip())
-    return n if source.limit is None else min(n, source.limit)
+    return sum(1 for _ in _records(source))
 
 
 def _parse_line(
     path: Path, line_no: int, line: str, source: PromptSource
 ) -> tuple[str, str, dict[str, Any]]:
+    """(id, text, the whole JSON record) of one line; every field is checked."""
+    where = f"{path}:{line_no}"
     if path.suffix != ".jsonl":
-        return str(line_no - 1), line.rstrip("\n"), {}
+        return str(line_no - 1), _checked_text(line.rstrip("\r\n"), where, "the prompt"), {}
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or source.field not in record:
-        raise RunError(f"{path}:{line_no}: no field '{source.field}' (set prompts.field)")
-    prompt_id = record.get(source.id_field) if source.id_field else None
-    return str(line_no - 1 if prompt_id is None else prompt_id), str(record[source.field]), record
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested or sized beyond reason"
+        raise RunError(f"{where}: not valid JSON ({reason})") from None
+    if not isinstance(record, dict):
+        raise RunError(f'{where}: expected a JSON object such as {{"text": "..."}}')
+    if source.field not in record:
+        raise RunError(f"{where}: no field '{source.field}' (set prompts.field)")
+    text = record[source.field]
+    if not isinstance(text, str) or not text.strip():
+        raise RunError(
+            f"{where}: field '{source.field}' must be a non-empty string, not {_json_kind(text)}"
+        )
+    text = _checked_text(text, where, f"field '{source.field}'")
+    if not source.id_field:
+        return str(line_no - 1), text, record
+    if source.id_field not in record:
+        raise RunError(
+            f"{where}: no field '{source.id_field}' (prompts.id_field); every line needs an id"
+        )
+    prompt_id = record[source.id_field]
+    if isinstance(prompt_id, int) and not isinstance(prompt_id, bool):
+        prompt_id = str(prompt_id)
+    if not isinstance(prompt_id, str) or not prompt_id:
+        raise RunError(
+            f"{where}: field '{source.id_field}' must be a non-empty string or an integer, not "
+            f"{_json_kind(prompt_id)}"
+        )
+    return _checked_text(prompt_id, where, f"field '{source.id_field}'"), text, record
+
+
+def _checked_text(text: str, where: str, what: str) -> str:
+    """`text` unless it holds a NUL or a lone surrogate (from a JSON \\ud800 escape)."""
+    if "\x00" in text:
+        raise RunError(f"{where}: {what} contains a NUL character (\\u0000)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RunError(
+            f"{where}: {what} contains a lone surrogate ({ascii(text[e.start])}), which is "
+            "not valid Unicode text"
+        ) from None
+    return text
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else repr(value)
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def takes_position_ids(model: torch.nn.Module) -> bool:

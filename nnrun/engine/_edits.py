@@ -9,9 +9,12 @@ in place.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from nnrun.compile.plan import EditAction, FileValue, LiteralValue, PromptValue
@@ -54,27 +57,65 @@ class OperandCache:
         return self._device[key]
 
 
+# An operand is a vector or a few; a dataset declaring more than this is a mistake (or a
+# crafted file) and would only exhaust memory.
+MAX_OPERAND_ELEMENTS = 1 << 28
+
+
 def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
-    """A dataset of an HDF5 file as a tensor (NaN padding of ragged saves kept)."""
+    """A dataset of an HDF5 file as a tensor (NaN padding of ragged saves kept).
+
+    Only real or integer arrays are operands: strings, compound, variable-length and
+    reference datasets, complex values, empty dataspaces, links that lead nowhere and
+    datasets of absurd size are refused with the reason.
+    """
     import h5py
 
     path = Path(operand.file)
-    if not path.is_file():
+    where = f"{what}: {operand.dataset!r} in {path}"
+    if not os.path.isfile(path):  # os.path: False, not an error, for a name too long
         raise RunError(
             f"{what}: no such file '{path}' (relative paths start at the current directory)"
         )
     try:
         with h5py.File(path, "r") as f:
-            if operand.dataset not in f or not isinstance(f[operand.dataset], h5py.Dataset):
+            try:
+                ds = f.get(operand.dataset)
+            except (KeyError, ValueError, RuntimeError, OSError):
+                ds = None  # a link that leads nowhere, a name h5py cannot parse
+            if not isinstance(ds, h5py.Dataset):
                 found: list[str] = []
                 f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
                 listed = ", ".join(found[:12]) + (" ..." if len(found) > 12 else "")
                 raise RunError(
                     f"{what}: no dataset '{operand.dataset}' in {path} (datasets: {listed or 'none'})"
                 )
-            return torch.from_numpy(f[operand.dataset][()])
-    except OSError as e:
-        raise RunError(f"{what}: cannot read '{path}' as HDF5: {e}") from None
+            kind = ds.dtype.kind
+            if kind == "c":
+                raise RunError(
+                    f"{where} holds complex numbers; an operand must be real (store its real part)"
+                )
+            if kind not in "biuf":
+                raise RunError(
+                    f"{where} has dtype {ds.dtype}, not numbers; an operand must be a real or "
+                    "integer array"
+                )
+            if ds.shape is None:
+                raise RunError(f"{where} is empty (no dataspace); an operand needs values")
+            size = math.prod(ds.shape)
+            if size > MAX_OPERAND_ELEMENTS:
+                raise RunError(
+                    f"{where} has shape {tuple(ds.shape)} ({size:,} values); an operand of "
+                    f"more than {MAX_OPERAND_ELEMENTS:,} values is not supported"
+                )
+            values = np.asarray(ds[()])
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise RunError(
+            f"{what}: cannot read '{path}' as HDF5: {' '.join(str(e).split())}"
+        ) from None
+    # Native byte order (a file may store big-endian), and integers as float64 like literals.
+    native = values.dtype.newbyteorder("=") if values.dtype.kind == "f" else np.dtype(np.float64)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=native))
 
 
 def check_operand_shape(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnrun.compile._limits import check_batch_lengths, max_positions
 from nnrun.compile._probe import first_input, model_device
 from nnrun.compile.plan import (
     FileValue,
@@ -22,7 +24,7 @@ from nnrun.compile.plan import (
     SaveAction,
     SiteActions,
 )
-from nnrun.engine._apply import apply_steps
+from nnrun.engine._apply import apply_steps, check_apply
 from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_ids
 from nnrun.engine._edits import EditContext, OperandCache, apply_edit, check_operand_shape
 from nnrun.engine._metrics import compute_metric
@@ -98,6 +100,16 @@ class _BatchState:
         return self.edits.index(prompts, tokens, what, include_aux=False)
 
 
+_MODULES: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def modules_of(model: nn.Module) -> dict[str, nn.Module]:
+    """`dict(model.named_modules())`, built once per model (sweeps ask for it per point)."""
+    if model not in _MODULES:
+        _MODULES[model] = dict(model.named_modules())
+    return _MODULES[model]
+
+
 def uses_left_padding(plan: Plan, model: nn.Module) -> bool:
     """Generation appends to the right, so it always left-pads; a single forward
     pads right only for models that cannot take position ids."""
@@ -115,6 +127,11 @@ def preflight(
     shapes the compile-time probe saw. Raises RunError.
     """
     operands = operands or OperandCache()
+    like = next(model.parameters(), torch.zeros(()))
+    for layout in plan.saves:
+        check_apply(
+            layout.apply, layout.value_shape, modules_of(model), like, f"save '{layout.name}'"
+        )
     rows = _plan_rows(plan)
     batch = None
     if rows is not None:
@@ -155,8 +172,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = model_device(model)
         self.left_pad = uses_left_padding(plan, model)
-        self.modules = dict(model.named_modules())
+        self.modules = modules_of(model)
         self._max_steps = int(plan.generate["max_new_tokens"]) if plan.generate else 1
+        self._positions = max_positions(model)
         self.operands = OperandCache()
         self._state: _BatchState | None = None
         self._rows = _plan_rows(plan)
@@ -197,6 +215,10 @@ class Engine:
             left_pad=self.left_pad,
             aux=[False] * len(chunk) + [True] * len(extra),
             prompt_ids=[r.prompt for r in rows],
+        )
+        new_tokens = self._max_steps if self.plan.generate else 0
+        check_batch_lengths(
+            batch.ids, [len(t) for t in batch.token_ids], self._positions, new_tokens
         )
         state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed))
         state.active = set(self._always)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -252,12 +253,13 @@ def _actual_device(model: Any, fallback: str) -> str:
 
 def _existing_dir(name: str) -> Path:
     directory = Path(name).expanduser()
-    if not directory.exists():
+    # os.path answers False for names the OS refuses (too long, NUL), where Path raises.
+    if not os.path.exists(directory):
         raise ModelError(f"model directory {name!r} does not exist ({directory.absolute()})")
-    if not directory.is_dir():
+    if not os.path.isdir(directory):
         hint = "; for a GGUF file use `model: {gguf: FILE}`" if directory.suffix == ".gguf" else ""
         raise ModelError(f"model.path {name!r} is a file, not a model directory{hint}")
-    if not (directory / "config.json").is_file():
+    if not os.path.isfile(directory / "config.json"):
         raise ModelError(
             f"model directory {name!r} has no config.json; is it a transformers checkpoint?"
         )
@@ -266,8 +268,8 @@ def _existing_dir(name: str) -> Path:
 
 def _existing_file(name: str, key: str) -> Path:
     file = Path(name).expanduser()
-    if not file.is_file():
-        state = "is a directory" if file.is_dir() else "does not exist"
+    if not os.path.isfile(file):
+        state = "is a directory" if os.path.isdir(file) else "does not exist"
         raise ModelError(f"{key} {name!r} {state} ({file.absolute()})")
     return file.resolve()
 
@@ -294,9 +296,9 @@ def _guarded(loader: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -
 
 def _load_tokenizer(name: str, kwargs: dict[str, Any]) -> Any:
     local = Path(name).expanduser()
-    if local.is_file() and local.suffix == ".gguf":
+    if os.path.isfile(local) and local.suffix == ".gguf":
         return _guarded(load_gguf_tokenizer, local, what=f"the tokenizer in {local}", **kwargs)
-    if local.is_dir():
+    if os.path.isdir(local):
         return _guarded(_auto_tokenizer, str(local), what=f"the tokenizer in {local}", **kwargs)
     # Not a local path, so it names a hub repository.
     return _from_hub(_auto_tokenizer, name, None, kwargs, what="tokenizer")

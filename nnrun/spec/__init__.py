@@ -12,6 +12,7 @@ from ._issues import SpecError, SpecIssue, format_issue
 from ._load import LoadedSpec, load_spec
 from ._location import Location, SliceSel, Wildcard, parse_location
 from ._paths import format_path, parse_path
+from ._record import with_output
 from ._schema import load_schema, schema_path
 from ._select import StepSelection, TokenSelection, parse_step_selection, parse_token_selection
 from ._sweep import Sweep, SweepAxis, SweepPoint, point_label
@@ -42,4 +43,5 @@ __all__ = [
     "point_label",
     "schema_path",
     "validate_spec",
+    "with_output",
 ]

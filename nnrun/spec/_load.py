@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ._defaults import default_name, fill_defaults, normalise_prompts
 from ._issues import SpecError, SpecIssue
 from ._overrides import apply_overrides
 from ._parse import dump_yaml, parse_json, parse_yaml
+from ._sanitize import sanitize
 from ._substitute import referenced_names, substitute
 from ._sweep import Sweep, SweepPoint, parse_sweep
 
@@ -76,7 +78,7 @@ def _read(source: str | Path) -> tuple[Any, dict[str, int], Path | None]:
     path = Path(source)
     shown = str(path)
     if not _is_file(path):
-        problem = "is a directory, not a spec file" if path.is_dir() else "not found"
+        problem = "is a directory, not a spec file" if os.path.isdir(path) else "not found"
         raise SpecError([SpecIssue("", f"spec file {problem}", None, shown)])
     try:
         text = path.read_text(encoding="utf-8")
@@ -163,7 +165,7 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
     everything else is reported by :func:`validate_spec`.
     """
     if isinstance(source, dict):
-        data: Any = copy.deepcopy(source)
+        data: Any = source  # sanitize() below copies it
         lines: dict[str, int] = {}
         path: Path | None = None
     elif isinstance(source, str | Path):
@@ -183,8 +185,12 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
             ]
         )
 
+    # Twice: the copy must be safe to walk before overrides, and override values are data too.
+    data, unsafe = sanitize(data)
     overridden = apply_overrides(data, overrides)
     _drop_overridden_lines(lines, overridden)
+    data, unsafe_overrides = sanitize(data)
+    unsafe += unsafe_overrides
     stem = path.stem if path is not None else None
     raw = copy.deepcopy(data)
     sweep, sweep_issues = parse_sweep(raw)
@@ -198,7 +204,7 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
     )
     data, issues = _resolve(raw, stem, lines, deferred=deferred)
     issues += [SpecIssue(p, m) for p, m in sweep_issues]
-    issues = [SpecIssue(i.path, i.message, i.line, shown) for i in issues]
+    issues = [replace(i, source=shown) for i in unsafe + issues]
     warnings = _unused_sweep_variables(raw, sweep, shown) if sweep is not None else []
     return LoadedSpec(
         data, dump_yaml(data), path, lines, issues, overridden, raw, sweep, warnings, deferred

@@ -10,6 +10,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ._issues import SpecError, SpecIssue
 from ._paths import join_path
+from ._sanitize import HugeInt, is_huge_int_text, parse_int_text
 
 try:  # libyaml parses several times faster; the constructor below stays the same Python code
     from yaml import CSafeDumper as _BaseDumper
@@ -55,6 +56,18 @@ class SpecLoader(_BaseLoader):  # type: ignore[misc,valid-type]
         for key_node, value_node in node.value:
             mapping[str(key_node.value)] = self.construct_object(value_node, deep=deep)
         return mapping
+
+
+def _construct_int(loader: SpecLoader, node: Node) -> Any:
+    # Python refuses to convert integers past 4300 digits (a ValueError deep in PyYAML);
+    # keep such a literal as text so that validation can name its path and line.
+    text = loader.construct_scalar(node)
+    if isinstance(text, str) and is_huge_int_text(text):
+        return HugeInt(text)
+    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+
+
+SpecLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 class SpecDumper(_BaseDumper):  # type: ignore[misc,valid-type]
@@ -189,7 +202,7 @@ def _yaml_lines_of_json(text: str) -> tuple[dict[str, int], int | None]:
 def parse_json(text: str, source: str | None) -> tuple[Any, dict[str, int]]:
     """Parse JSON text, rejecting duplicate keys; lines come from a YAML compose when possible."""
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates)
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=parse_int_text)
     except _DuplicateKey as exc:
         _, line = _yaml_lines_of_json(text)
         raise SpecError([SpecIssue("", f"duplicate key {exc.key!r}", line, source)]) from None

@@ -124,7 +124,7 @@ class _Checker:
     def file(self, value: Any, path: str, what: str) -> bool:
         if not isinstance(value, str) or not value:
             return False
-        if not Path(value).is_file():
+        if not os.path.isfile(value):  # os.path: False, not an error, for a name too long
             # Relative paths in a spec are relative to the directory nnrun runs in.
             self.add(path, f"{what} {value!r} not found (relative to {os.getcwd()})")
             return False

@@ -1,9 +1,11 @@
 """``${name}`` substitution in string values.
 
 Variables are the ``vars:`` mapping, the sweep variables (a point's values), plus the
-top-level scalars ``name``, ``seed`` and ``batch_size``. Names in ``deferred`` (the sweep
-variables, when the spec is read as a whole rather than point by point) are left as
-written. A string that is exactly ``${x}`` takes x's typed value; elsewhere the
+top-level scalars ``name``, ``seed`` and ``batch_size``, and ``timestamp``: the UTC time
+the spec was loaded (``20250101-120000``), for output names that never collide with an
+earlier run's. Names in ``deferred`` (the sweep variables, when the spec is read as a
+whole rather than point by point) are left as written. A string that is exactly ``${x}``
+takes x's typed value; elsewhere the
 value is written into the text. ``$${`` stands for a literal ``${``. Problems (undefined
 or malformed references, cycles) are returned as issues and the string is left as is.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from datetime import datetime, timezone
 from typing import Any
 
 from ._constants import DEFAULT_BATCH_SIZE, DEFAULT_SEED, SCALAR_VARIABLES
@@ -21,6 +24,10 @@ from ._paths import join_path
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _WHOLE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\Z")
 _TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}|\$\{")
+# Like the YAML alias limit: a few lines of variables that each repeat the previous one
+# twice would otherwise expand to gigabytes. No real value comes near either limit.
+MAX_EXPANDED_CHARS = 1_000_000
+MAX_VARIABLE_DEPTH = 50
 
 
 def _as_text(value: Any) -> str:
@@ -30,7 +37,20 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-class _Cycle(Exception):
+class _Unresolvable(Exception):
+    """A reference that cannot be expanded; its text is the message for the spec path."""
+
+
+class _Cycle(_Unresolvable):
+    def __init__(self, chain: str):
+        super().__init__(f"variables refer to each other in a cycle: {chain}")
+
+
+class _TooBig(_Unresolvable):
+    pass
+
+
+class _TooDeep(_Unresolvable):
     pass
 
 
@@ -75,6 +95,9 @@ class Substituter:
             if key not in data:
                 self.raw[key] = value
                 self.where[key] = key
+        if "timestamp" not in self.raw:
+            self.raw["timestamp"] = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            self.where["timestamp"] = "timestamp"
         self.resolved: dict[str, Any] = {}
         # A sweep point's values are final: they are never substituted themselves.
         for key, value in (extra or {}).items():
@@ -82,12 +105,26 @@ class Substituter:
             self.where[key] = join_path("sweep", key)
             self.resolved[key] = value
         self._active: list[str] = []
+        self._deep_reported = False
+
+    def _report(self, path: str, problem: _Unresolvable) -> None:
+        # Every long chain hits the depth limit somewhere; saying so once is enough.
+        if isinstance(problem, _TooDeep):
+            if self._deep_reported:
+                return
+            self._deep_reported = True
+        self.issues.append(SpecIssue(path, str(problem)))
 
     def _lookup(self, name: str) -> Any:
         if name in self.resolved:
             return self.resolved[name]
         if name in self._active:
             raise _Cycle(" -> ".join([*self._active[self._active.index(name) :], name]))
+        if len(self._active) >= MAX_VARIABLE_DEPTH:
+            raise _TooDeep(
+                f"variables refer to each other more than {MAX_VARIABLE_DEPTH} levels deep "
+                f"({' -> '.join(self._active[:3])} -> ...)"
+            )
         self._active.append(name)
         try:
             value = self.raw[name]
@@ -99,7 +136,7 @@ class Substituter:
         return value
 
     def _undefined(self, name: str, path: str) -> None:
-        defined = sorted({*self.raw, *self.deferred})
+        defined = sorted({*self.raw, *self.deferred} - {"timestamp"})
         message = f"undefined variable {name!r} (defined: {', '.join(defined) or 'none'})"
         close = difflib.get_close_matches(name, defined, n=1)
         if close:
@@ -122,16 +159,16 @@ class Substituter:
                 return text
             try:
                 return self._lookup(name)
-            except _Cycle as cycle:
-                self.issues.append(
-                    SpecIssue(path, f"variables refer to each other in a cycle: {cycle}")
-                )
+            except _Unresolvable as problem:
+                self._report(path, problem)
                 return text
         out: list[str] = []
+        size = 0  # characters in out so far
         pos = 0
         failed = False
         for m in _TOKEN.finditer(text):
             out.append(text[pos : m.start()])
+            size += m.start() - pos
             pos = m.end()
             token = m.group(0)
             if token == "$${":
@@ -162,10 +199,14 @@ class Substituter:
                 break
             try:
                 out.append(_as_text(self._lookup(name)))
-            except _Cycle as cycle:
-                self.issues.append(
-                    SpecIssue(path, f"variables refer to each other in a cycle: {cycle}")
-                )
+                size += len(out[-1])
+                if size > MAX_EXPANDED_CHARS:
+                    raise _TooBig(
+                        f"substituting variables here makes a text of over "
+                        f"{MAX_EXPANDED_CHARS:,} characters; does a variable repeat another?"
+                    )
+            except _Unresolvable as problem:
+                self._report(path, problem)
                 failed = True
                 break
         if failed:
@@ -192,13 +233,8 @@ class Substituter:
                     if name in self.raw and self.where.get(name) == join_path("vars", name):
                         try:
                             resolved[name] = self._lookup(name)
-                        except _Cycle as cycle:
-                            self.issues.append(
-                                SpecIssue(
-                                    join_path("vars", name),
-                                    f"variables refer to each other in a cycle: {cycle}",
-                                )
-                            )
+                        except _Unresolvable as problem:
+                            self._report(join_path("vars", name), problem)
                             resolved[name] = raw
                     else:
                         resolved[name] = self._walk(raw, join_path("vars", name))
@@ -206,10 +242,8 @@ class Substituter:
             elif key in SCALAR_VARIABLES and key in self.raw and self.where.get(key) == key:
                 try:
                     out[key] = self._lookup(key)
-                except _Cycle as cycle:
-                    self.issues.append(
-                        SpecIssue(key, f"variables refer to each other in a cycle: {cycle}")
-                    )
+                except _Unresolvable as problem:
+                    self._report(key, problem)
                     out[key] = value
             else:
                 out[key] = self._walk(value, join_path("", key))

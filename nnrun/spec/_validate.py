@@ -10,6 +10,7 @@ from typing import Any
 from ._issues import SpecError, SpecIssue
 from ._load import LoadedSpec, load_spec
 from ._paths import format_path, join_path, parse_path
+from ._sanitize import UnsafeValue
 from ._schema import validator
 from ._schema_errors import convert
 from ._semantic import semantic_issues
@@ -165,6 +166,12 @@ def validate_spec(spec: LoadedSpec) -> list[SpecIssue]:
     names them. Never raises for problems in the spec; an empty list means it is valid.
     """
     skip = {issue.path for issue in spec.load_issues}
+    # A value taken out as unsafe is None now: its container's checks would only echo that.
+    skip |= {
+        parent
+        for issue in spec.load_issues
+        if isinstance(issue, UnsafeValue) and (parent := _parent(issue.path))
+    }
     if spec.sweep is not None and not spec.load_issues:
         found = _sweep_issues(spec, skip)
     else:

@@ -1,8 +1,14 @@
-"""Read an nnrun output file back: saves as arrays or tensors, with their axes."""
+"""Read an nnrun output file back: saves and metrics as arrays or tensors, with their axes.
+
+Files may come from elsewhere (a published output, a crafted one): every read is
+guarded, sizes are checked before anything is read whole, and nothing stored in
+the file is ever executed or used to load code.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +17,13 @@ import h5py
 import numpy as np
 
 from nnrun.errors import NnrunError
+from nnrun.store._text import read_texts
+
+# What h5py raises on files it can open but not make sense of (crafted or damaged ones).
+_FORMAT_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError)
+# Labels and texts are read whole; a file from elsewhere may declare any number of them.
+_MAX_LABELS = 1 << 24
+_GROUPS = ("saves", "metrics")
 
 
 class Results(Mapping[str, Any]):
@@ -30,15 +43,29 @@ class Results(Mapping[str, Any]):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
+        if not os.path.isfile(self.path):
             raise NnrunError(f"no such output file '{self.path}'")
         try:
             with h5py.File(self.path, "r") as f:
-                self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
-                self._names = list(f["saves"].keys()) if "saves" in f else []
-                self.metric_names = list(f["metrics"].keys()) if "metrics" in f else []
+                self.attrs: dict[str, Any] = _read_attrs(f.attrs)
+                found: dict[str, list[str]] = {}
+                for group_name in _GROUPS:
+                    group = f.get(group_name)
+                    if group is not None and not isinstance(group, h5py.Group):
+                        raise NnrunError(
+                            f"'{self.path}' is not an nnrun output file: /{group_name} is not "
+                            "a group"
+                        )
+                    # A member that is not a dataset (a group, a broken link) is no save.
+                    found[group_name] = (
+                        [] if group is None else [n for n in group if _is_dataset(group, n)]
+                    )
+                self._names = found["saves"]
+                self.metric_names = found["metrics"]
         except OSError as e:
             raise NnrunError(f"cannot read '{self.path}' as an HDF5 file: {e}") from None
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read '{self.path}': {e}") from None
 
     @property
     def status(self) -> str:
@@ -64,18 +91,90 @@ class Results(Mapping[str, Any]):
         return self._read("metrics", name)
 
     def axes(self, name: str) -> list[str]:
-        """The axis names of a save or metric, outermost first."""
+        """The axis names of a save or metric, outermost first (its `axes` attribute)."""
         with h5py.File(self.path, "r") as f:
-            return json.loads(self._dataset(f, name).attrs["axes"])
+            ds = self._dataset(f, name)
+            try:
+                axes = json.loads(_plain(ds.attrs["axes"]))
+            except (*_FORMAT_ERRORS, json.JSONDecodeError):
+                axes = None
+        if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
+            raise NnrunError(
+                f"'{name}' in {self.path} has no valid 'axes' attribute (a JSON list of names)"
+            )
+        return axes
 
     def prompt_ids(self, name: str) -> list[str]:
-        return [_plain(v) for v in self._axis(name, "prompt")]
+        values = self._axis(name, "prompt")
+        return [] if values is None else [_plain(v) for v in np.atleast_1d(values)]
 
     def labels(self, name: str, axis: str) -> list[Any] | None:
         """The labels of one axis of a save (`layer` -> site names), as str / int; None if
         the axis has none."""
         values = self._axis(name, axis)
-        return None if values is None else [_plain(v) for v in values]
+        return None if values is None else [_plain(v) for v in np.atleast_1d(values)]
+
+    def lengths(self, name: str) -> np.ndarray | None:
+        """Real tokens per row for a ragged token axis, else None."""
+        values = self._axis(name, "length")
+        return None if values is None else np.asarray(values)
+
+    def coords(self, name: str | None = None) -> dict[str, list[Any]]:
+        """Each sweep variable's values, in axis order ({} without a sweep).
+
+        For a zip sweep the leading axis is `point` and every variable has one value
+        per point. `name` (a save or metric) is accepted for symmetry with `axes`.
+        """
+        if name is not None:
+            self.axes(name)  # a clear KeyError for a wrong name
+        try:
+            with h5py.File(self.path, "r") as f:
+                group = f.get("sweep")
+                if not isinstance(group, h5py.Group):
+                    return {}
+                names = json.loads(_plain(group.attrs["variables"]))
+                out = {}
+                for v in names:
+                    _check_size(group[v], self.path)
+                    out[v] = [_plain(x) for x in group[v][()]]
+                return out
+        except (*_FORMAT_ERRORS, json.JSONDecodeError) as e:
+            raise NnrunError(f"cannot read the sweep coordinates of {self.path}: {e}") from None
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every sweep point: index, label, status (pending/done/failed) and error."""
+        names = {0: "pending", 1: "done", 2: "failed"}
+        try:
+            with h5py.File(self.path, "r") as f:
+                group = f.get("sweep")
+                if not isinstance(group, h5py.Group):
+                    return []
+                for column in ("label", "status", "error"):
+                    _check_size(group[column], self.path)
+                columns = (group["label"][()], group["status"][()], group["error"][()])
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read the sweep points of {self.path}: {e}") from None
+        return [
+            {
+                "index": i,
+                "label": _plain(label),
+                "status": names.get(int(s), "unknown"),
+                "error": _plain(e),
+            }
+            for i, (label, s, e) in enumerate(zip(*columns))
+        ]
+
+    def failed_points(self) -> dict[str, str]:
+        """Label -> error message of every point that failed (empty when none did)."""
+        return {p["label"]: p["error"] for p in self.points() if p["status"] == "failed"}
+
+    def prompts(self) -> dict[str, str]:
+        """Every prompt of the run: id -> text, in run order (a sweep's first point)."""
+        return self._texts("prompts")
+
+    def generation(self) -> dict[str, str]:
+        """Each prompt's generated text (empty when the run did not generate)."""
+        return self._texts("generation")
 
     def prompt_meta(self) -> dict[str, list[Any]]:
         """Extra fields of a JSONL prompt file, one value per prompt (see /prompts/meta)."""
@@ -83,6 +182,7 @@ class Results(Mapping[str, Any]):
         with h5py.File(self.path, "r") as f:
             group = f.get("prompts/meta")
             for field, ds in (group or {}).items():
+                _check_size(ds, self.path)
                 values = [_plain(v) for v in ds[()]]
                 if ds.attrs.get("encoding") == "json":
                     values = [json.loads(v) for v in values]
@@ -101,10 +201,9 @@ class Results(Mapping[str, Any]):
         """A save or metric as an `xarray.DataArray` with named dimensions and coordinates.
 
         A sweep's leading axes carry each variable's values as coordinates.
-
         Coordinates: prompt ids, layer numbers (and the real `site` of each), steps,
         token positions, and with `token_strings` each prompt's token at each position
-        (`token_str`, decoded with the run's tokenizer when it can be loaded locally).
+        (`token_str`, from the file or decoded with the run's tokenizer, loaded locally).
         Needs the `analysis` extra: pip install 'nnrun[analysis]'.
         """
         from nnrun.store._xarray import to_xarray
@@ -125,80 +224,67 @@ class Results(Mapping[str, Any]):
 
         return metrics_frame(self)
 
-    def lengths(self, name: str) -> np.ndarray | None:
-        """Real tokens per row for a ragged token axis, else None."""
-        values = self._axis(name, "length")
-        return None if values is None else np.asarray(values)
+    # -- pieces --------------------------------------------------------------
 
-    def coords(self, name: str | None = None) -> dict[str, list[Any]]:
-        """Each sweep variable's values, in axis order ({} without a sweep).
+    def _texts(self, group_name: str) -> dict[str, str]:
+        """prompt id -> the group's `text` column (NUL characters and all).
 
-        For a zip sweep the leading axis is `point` and every variable has one value
-        per point. `name` (a save or metric) is accepted for symmetry with `axes`.
+        A sweep records its prompts at every point; this is the first point's.
         """
-        if name is not None:
-            self.axes(name)  # a clear KeyError for a wrong name
-        with h5py.File(self.path, "r") as f:
-            if "sweep" not in f:
-                return {}
-            group = f["sweep"]
-            names = json.loads(group.attrs["variables"])
-            return {v: [_plain(x) for x in group[v][()]] for v in names}
-
-    def points(self) -> list[dict[str, Any]]:
-        """Every sweep point: index, label, status (pending/done/failed) and error."""
-        with h5py.File(self.path, "r") as f:
-            if "sweep" not in f:
-                return []
-            group = f["sweep"]
-            names = {0: "pending", 1: "done", 2: "failed"}
-            return [
-                {"index": i, "label": _plain(label), "status": names[int(s)], "error": _plain(e)}
-                for i, (label, s, e) in enumerate(
-                    zip(group["label"][()], group["status"][()], group["error"][()])
+        try:
+            with h5py.File(self.path, "r") as f:
+                group = f.get(group_name)
+                if not isinstance(group, h5py.Group) or not _is_dataset(group, "text"):
+                    return {}
+                _check_size(group["text"], self.path)
+                count = group["text"].shape[-1] if group["text"].ndim else 0
+                texts = read_texts(group, "text")[:count]
+                prompts = f.get("prompts")
+                has_ids = isinstance(prompts, h5py.Group) and _is_dataset(prompts, "id")
+                if has_ids:
+                    _check_size(prompts["id"], self.path)
+                ids = (
+                    read_texts(prompts, "id")[:count]
+                    if has_ids
+                    else [str(i) for i in range(len(texts))]
                 )
-            ]
-
-    def failed_points(self) -> dict[str, str]:
-        """Label -> error message of every point that failed (empty when none did)."""
-        return {p["label"]: p["error"] for p in self.points() if p["status"] == "failed"}
-
-    def prompts(self) -> dict[str, str]:
-        """Every prompt of the run: id -> text, in run order (a sweep's first point)."""
-        with h5py.File(self.path, "r") as f:
-            ids = _first_point(f["prompts/id"])
-            texts = _first_point(f["prompts/text"])
-        return dict(zip(ids, texts))
-
-    def generation(self) -> dict[str, str]:
-        """Each prompt's generated text (empty when the run did not generate)."""
-        with h5py.File(self.path, "r") as f:
-            if "generation" not in f:
-                return {}
-            ids = _first_point(f["prompts/id"])
-            texts = _first_point(f["generation/text"])
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read /{group_name} of {self.path}: {e}") from None
         return dict(zip(ids, texts))
 
     def _read(self, group: str, name: str) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
-            if group not in f or name not in f[group]:
-                known = ", ".join(f[group].keys()) if group in f else "none"
-                raise KeyError(f"no {group[:-1]} '{name}' in {self.path} ({group}: {known})")
-            return f[group][name][()]
+        names = self._names if group == "saves" else self.metric_names
+        if name not in names:
+            known = ", ".join(names) or "none"
+            raise KeyError(f"no {group[:-1]} '{name}' in {self.path} ({group}: {known})")
+        try:
+            with h5py.File(self.path, "r") as f:
+                return f[group][name][()]
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read {group[:-1]} '{name}' of {self.path}: {e}") from None
 
     def _dataset(self, f: h5py.File, name: str) -> h5py.Dataset:
-        for group in ("saves", "metrics"):
-            if group in f and name in f[group]:
+        for group, names in (("saves", self._names), ("metrics", self.metric_names)):
+            if name in names:
                 return f[group][name]
         known = ", ".join([*self._names, *self.metric_names]) or "none"
         raise KeyError(f"no save or metric '{name}' in {self.path} (known: {known})")
 
     def _axis(self, name: str, axis: str) -> Any:
-        with h5py.File(self.path, "r") as f:
-            ds = self._dataset(f, name)
-            key = ds.attrs.get("save", ds.attrs.get("metric", name))
-            group = f["axes"].get(key) if "axes" in f else None
-            return None if group is None or axis not in group else group[axis][()]
+        try:
+            with h5py.File(self.path, "r") as f:
+                ds = self._dataset(f, name)
+                owner = _plain(ds.attrs.get("save", ds.attrs.get("metric", name)))
+                group = f.get("axes")
+                group = group.get(owner) if isinstance(group, h5py.Group) else None
+                if not isinstance(group, h5py.Group) or not _is_dataset(group, axis):
+                    return None
+                _check_size(group[axis], self.path)
+                return group[axis][()]
+        except KeyError:
+            raise
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read the {axis} axis of '{name}': {e}") from None
 
 
 def load(path: str | Path) -> Results:
@@ -206,17 +292,33 @@ def load(path: str | Path) -> Results:
     return Results(path)
 
 
-def _first_point(ds: h5py.Dataset) -> list[Any]:
-    """A /prompts column as a list; for a sweep, the first point's (prompts rarely vary)."""
-    values = ds[()]
-    while values.ndim > 1:
-        values = values[0]
-    return [_plain(v) for v in values]
+def _check_size(ds: h5py.Dataset, path: Path) -> None:
+    size = int(np.prod(ds.shape)) if ds.shape is not None else 0
+    if size > _MAX_LABELS:
+        raise NnrunError(f"{ds.name} in {path} declares {size:,} entries; not read")
+
+
+def _is_dataset(group: h5py.Group, name: str) -> bool:
+    try:
+        return isinstance(group.get(name), h5py.Dataset)
+    except _FORMAT_ERRORS:  # a broken link, an unreadable object
+        return False
+
+
+def _read_attrs(attrs: Any) -> dict[str, Any]:
+    """Attributes as plain values; one h5py cannot read becomes a note, not a failure."""
+    out: dict[str, Any] = {}
+    for key in list(attrs.keys()):
+        try:
+            out[key] = _plain(attrs[key])
+        except _FORMAT_ERRORS as e:
+            out[key] = f"<unreadable attribute: {type(e).__name__}>"
+    return out
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode("utf-8", "replace")
     if isinstance(value, np.generic):
         return value.item()
     return value

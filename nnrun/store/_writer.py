@@ -4,6 +4,7 @@ The file is written under `<out>.partial.h5` with `status = partial` and only
 renamed to `<out>` after the last batch, with `status = complete`. A run that
 fails or is interrupted leaves at most the `.partial.h5` file, which says so; a
 sweep's partial file records which points are done, so `--resume` continues it.
+One whose disk fills up leaves nothing (see `_faults`).
 
 Every dataset's leading axes are the sweep's (none without a sweep), then
 `prompt`; each batch row is written to the (point, prompt) slots its plan gives
@@ -24,9 +25,19 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from nnrun.errors import NnrunError
+from nnrun.errors import NnrunError, OutputError
+from nnrun.store._faults import (
+    abandon_hdf5,
+    check_room,
+    is_write_failure,
+    quiet_failed_closes,
+    write_failure_reason,
+)
 from nnrun.store._meta import PromptMeta
 from nnrun.store._netcdf import add_netcdf_dimensions
+from nnrun.store._paths import partial_path
+from nnrun.store._signals import signals_deferred
+from nnrun.store._text import storable_texts
 
 if TYPE_CHECKING:
     from nnrun.compile.plan import MetricLayout, Plan, SaveLayout
@@ -40,11 +51,6 @@ _CHUNK_BYTES = (
 
 # Point status in /sweep/status.
 PENDING, DONE, FAILED = 0, 1, 2
-
-
-def partial_path(path: Path) -> Path:
-    """Where an unfinished output lives: `runs/x.h5` -> `runs/x.partial.h5`."""
-    return path.with_name(path.stem + ".partial" + path.suffix)
 
 
 @dataclass(frozen=True)
@@ -115,40 +121,100 @@ class OutputWriter:
 
     def __enter__(self) -> OutputWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.resume and self.tmp_path.is_file():
-            self.file = h5py.File(self.tmp_path, "r+")
-            status = self.file["sweep/status"][()] if "sweep/status" in self.file else []
-            self.done = {i for i, s in enumerate(status) if s == DONE}
-            self.file.attrs["resumed_utc"] = _utc_now()
-            return self
-        self.file = h5py.File(self.tmp_path, "w")
-        for key, value in self.attrs.items():
-            self.file.attrs[key] = value
-        self.file.attrs["format"] = FORMAT_VERSION
-        self.file.attrs["status"] = "partial"
-        self.file.attrs["started_utc"] = _utc_now()
-        self._create_prompt_groups()
-        self.file.create_group("saves")
-        self.file.create_group("axes")
-        if self.sweep is not None:
-            self._create_sweep_group()
+        resuming = self.resume and self.tmp_path.is_file()
+        try:
+            self.file = h5py.File(self.tmp_path, "r+" if resuming else "w")
+        except OSError as e:
+            raise OutputError(f"cannot create {self.tmp_path}: {write_failure_reason(e)}") from None
+        try:
+            if resuming:
+                status = self.file["sweep/status"][()] if "sweep/status" in self.file else []
+                self.done = {i for i, s in enumerate(status) if s == DONE}
+                self.file.attrs["resumed_utc"] = _utc_now()
+                return self
+            for key, value in self.attrs.items():
+                self.file.attrs[key] = value
+            self.file.attrs["format"] = FORMAT_VERSION
+            self.file.attrs["status"] = "partial"
+            self.file.attrs["started_utc"] = _utc_now()
+            self._create_prompt_groups()
+            self.file.create_group("saves")
+            self.file.create_group("axes")
+            if self.sweep is not None:
+                self._create_sweep_group()
+        except BaseException as e:
+            raise self._abandon(e) from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.file is not None
+        if self.file is None:  # abandoned after a failed write: nothing left to finish
+            return
         try:
             self._finish_axes()
             count = len(self.prompt_ids or ()) or self.appended.get("prompts", 0)
             self.file.attrs["prompt_count"] = count
             self.file.attrs["finished_utc"] = _utc_now()
-            if exc_type is None:
-                self.file.attrs["status"] = "complete"
-            else:
+            if exc_type is not None:
                 self.file.attrs["error"] = f"{exc_type.__name__}: {exc}"
-        finally:
+        except BaseException as e:  # a full disk, or an interrupt while finishing
+            self._close_partial(e)
+            raise
+        if exc_type is not None:
+            self._close_partial(None)
+            return
+        try:
+            # The point of no return: a signal now waits until the output is complete.
+            with signals_deferred():
+                self.file.attrs["status"] = "complete"
+                self.file.close()
+                os.replace(self.tmp_path, self.path)
+        except BaseException as e:
+            if self.tmp_path.exists():  # still unfinished: it must not claim otherwise
+                self._unfinish(e)
+            raise
+
+    # -- failures ------------------------------------------------------------
+
+    def _abandon(self, e: BaseException) -> BaseException:
+        """The error to raise for `e`: a failed write gives the file up, else it closes partial."""
+        if is_write_failure(e):
+            return self._give_up(e)
+        if self.file is not None:
+            self._close_partial(e)
+        return e
+
+    def _give_up(self, failure: BaseException, doing: str = "write") -> OutputError:
+        """Remove a file HDF5 can no longer write (see `_faults`); the error to raise."""
+        if self.file is not None:
+            abandon_hdf5(self.file, self.tmp_path)
+            self.file = None
+        self.tmp_path.unlink(missing_ok=True)
+        return OutputError(
+            f"could not {doing} {self.tmp_path}: {write_failure_reason(failure)}; the "
+            f"unfinished file was removed and {self.path} was not touched"
+        )
+
+    def _close_partial(self, e: BaseException | None) -> None:
+        """Close the file as it stands (status partial), or give it up if that fails."""
+        assert self.file is not None
+        try:
+            if e is not None and "error" not in self.file.attrs:
+                self.file.attrs["error"] = f"{type(e).__name__}: {e}"
             self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp_path, self.path)
+        except (OSError, RuntimeError) as failure:
+            raise self._give_up(failure) from e
+
+    def _unfinish(self, e: BaseException) -> None:
+        """Mark a file that failed between `status = complete` and its rename as partial."""
+        try:
+            if self.file is not None and self.file.id.valid:
+                self.file.close()
+            with h5py.File(self.tmp_path, "r+") as f:
+                f.attrs["status"] = "partial"
+                f.attrs["error"] = f"{type(e).__name__}: {e}"
+        except (OSError, RuntimeError) as failure:
+            # It cannot be marked partial, so it must not stay: it says complete.
+            raise self._give_up(failure, "finish") from e
 
     # -- what the plan will write -------------------------------------------
 
@@ -173,6 +239,17 @@ class OutputWriter:
 
     def write(self, result: BatchResult) -> None:
         """Write one micro-batch: its prompts, each save's and each metric's values."""
+        # Before HDF5 is asked to write anything it may fail to write (see _faults).
+        check_room(self.tmp_path, _batch_bytes(result))
+        with quiet_failed_closes():
+            try:
+                self._write(result)
+            except (OSError, RuntimeError) as e:
+                if not is_write_failure(e):
+                    raise
+                raise self._abandon(e) from None
+
+    def _write(self, result: BatchResult) -> None:
         assert self.file is not None
         rows = result.rows or result.prompt_ids
         if self.prompt_ids is None:
@@ -484,8 +561,14 @@ class OutputWriter:
             for ds in (tokens, *(group[name] for name in values)):
                 self._ensure_rows(ds, slot + stop - start)
             tokens[index] = block[start:stop]
+            flat = int(
+                np.ravel_multi_index(where, tokens.shape[:-1])
+            )  # row of `where`, counted flat
             for name, column in values.items():
-                group[name][index] = column[start:stop]
+                part = list(column[start:stop])
+                if name != "length":  # strings: keep any text HDF5 cannot hold exactly beside it
+                    part = storable_texts(group, name, flat, part)
+                group[name][index] = part
 
     def _write_token_texts(
         self, dests: list[list[tuple[int, int]]], texts: list[list[str]]
@@ -507,7 +590,9 @@ class OutputWriter:
         ds = group["tokens"]
         if width > ds.shape[-1]:
             ds.resize(width, axis=ds.ndim - 1)
-        block = np.array([[*t, *[""] * (ds.shape[-1] - len(t))] for t in texts], dtype=object)
+        # Display text only: a NUL (which HDF5 strings cannot hold) shows as U+FFFD.
+        clean = [[t.replace("\x00", "\ufffd") for t in row] for row in texts]
+        block = np.array([[*t, *[""] * (ds.shape[-1] - len(t))] for t in clean], dtype=object)
         for (start, stop), (point, slot) in _runs(dests):
             where = self._dest(point, slot)
             ds[where[:-1] + (slice(where[-1], where[-1] + stop - start),)] = block[start:stop]
@@ -565,6 +650,19 @@ def read_partial(path: Path) -> dict[str, Any] | None:
         raise NnrunError(
             f"cannot resume from {tmp}: the file is damaged ({e}); remove it to start over"
         ) from None
+
+
+def _batch_bytes(result: BatchResult) -> int:
+    """About how many bytes a batch adds to the file (each save may also open a chunk)."""
+    total = sum(len(t) * 8 for t in result.token_ids) + sum(len(t) * 4 for t in result.texts)
+    for save in result.saves.values():
+        for tensor in (save.data, *save.extra.values()):
+            nbytes = tensor.numel() * tensor.element_size()
+            total += 2 * nbytes + _CHUNK_BYTES  # the values, and a chunk a batch may start
+    if result.generated is not None:
+        total += sum(len(t) * 8 for t in result.generated)
+        total += sum(len(t) * 4 for t in result.generated_text or [])
+    return total
 
 
 def _runs(
