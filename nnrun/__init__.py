@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "run": "nnrun.api",
     "plot": "nnrun._plot",
+    "reproduce": "nnrun._reproduce",
     "sweep_grid": "nnrun.store._grid",
     "clear_cache": "nnrun.api",
     "RunProgress": "nnrun.api",

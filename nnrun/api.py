@@ -88,6 +88,9 @@ def run(
             str(model_device(model.model)),
         )
         attrs["overrides"] = json.dumps(list(loaded.overridden.values()))
+        # CPU results are bit-exact only with the same thread count (it splits the
+        # reductions): `nnrun reproduce` uses the recorded one.
+        attrs["torch_num_threads"] = _torch_threads()
         points = [(p.label, p.data) for p in loaded.points()] if loaded.sweep else None
         attrs["inputs"] = json.dumps(input_files(loaded.data, points))
         streamed = is_prompt_file(first["prompts"])
@@ -105,6 +108,12 @@ def run(
         ) as out:
             runner.run(out)
     return load(target)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _model_sizes(model: Any) -> dict[str, int]:

@@ -630,6 +630,70 @@ def diff(
     raise typer.Exit(report.exit_code)
 
 
+@app.command()
+def reproduce(
+    output: Annotated[Path, typer.Argument(help="An nnrun output file (.h5) to re-run.")],
+    set_: SetOption = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="Relative tolerance (default: exact on CPU, float noise on GPU)."
+        ),
+    ] = None,
+    atol: Annotated[
+        float | None, typer.Option(min=0.0, help="Absolute tolerance (default as for --rtol).")
+    ] = None,
+    allow_changed_inputs: Annotated[
+        bool,
+        typer.Option(
+            "--allow-changed-inputs",
+            help="Go on when a prompt file or {file:} operand differs from the recorded one.",
+        ),
+    ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Allow a stored trust_remote_code: true (runs model code)."
+        ),
+    ] = False,
+    keep: Annotated[
+        Path | None, typer.Option(help="Keep the re-run's output file here (default: removed).")
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Re-run the spec stored in an output file and diff: exit 0 equal, 1 different, 2 unreadable.
+
+    The stored spec is the one that ran (-o and -s applied). -s changes it again (e.g.
+    -s model.path=DIR for CI's copy of the model); the overrides are reported. Inputs
+    must match their recorded sha256 unless --allow-changed-inputs.
+    """
+    from nnrun import reproduce as rerun
+
+    with _progress_bar(quiet) as (progress, log):
+        report = rerun(
+            output,
+            set_ or (),
+            rtol=rtol,
+            atol=atol,
+            allow_changed_inputs=allow_changed_inputs,
+            trust_remote_code=trust_remote_code,
+            keep=keep,
+            progress=progress,
+            log=log,
+        )
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+    _print_diff(report.diff)
+    verdict = {0: "[green]reproduced[/green]", 1: "[red]differs[/red]"}.get(
+        report.exit_code, "[red]unreadable[/red]"
+    )
+    console.print(
+        f"{verdict}: {output} re-run on {report.device} (rtol {report.rtol:g}, "
+        f"atol {report.atol:g})"
+    )
+    raise typer.Exit(report.exit_code)
+
+
 def _print_diff(report) -> None:
     table = Table(title=f"{report.a} vs {report.b} (rtol {report.rtol:g}, atol {report.atol:g})")
     table.add_column("dataset", no_wrap=True)

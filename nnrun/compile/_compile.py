@@ -204,6 +204,7 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
         generate=dict(generate) if generate else None,
         source_prompts=tuple(dict.fromkeys(sources)),
         metrics=tuple(metric_layouts),
+        deterministic=bool(data.get("deterministic", False)),
         prompt_ids=None
         if prompt_source.inline is None
         else tuple(p for p, _ in prompt_source.inline),

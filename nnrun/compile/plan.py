@@ -281,6 +281,8 @@ class Plan:
     points: tuple[PointInfo, ...] = ()
     # The prompt ids in spec order (the prompt axis of /prompts); None for a file.
     prompt_ids: tuple[str, ...] | None = None
+    # torch.use_deterministic_algorithms for the run (the spec's `deterministic:`).
+    deterministic: bool = False
 
     @property
     def modules(self) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,6 +111,25 @@ def modules_of(model: nn.Module) -> dict[str, nn.Module]:
     return _MODULES[model]
 
 
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Torch picks deterministic kernels while this lasts (the spec's `deterministic:`).
+
+    cuBLAS needs its workspace size fixed before the first CUDA matmul for that; an op
+    without a deterministic version then raises, naming itself, instead of varying.
+    The process's own setting comes back afterwards.
+    """
+    before = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        if enabled and not before:
+            torch.use_deterministic_algorithms(False)
+
+
 def uses_left_padding(plan: Plan, model: nn.Module) -> bool:
     """Generation appends to the right, so it always left-pads; a single forward
     pads right only for models that cannot take position ids."""
@@ -200,7 +220,7 @@ class Engine:
         else:
             wanted = None if rows is None else set(rows)
             source = iter(r for r in self._rows.values() if wanted is None or r.key in wanted)
-        with self._hooks():
+        with self._hooks(), deterministic_algorithms(self.plan.deterministic):
             while chunk := list(islice(source, self.plan.batch_size)):
                 yield self._run_batch(chunk)
 

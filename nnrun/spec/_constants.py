@@ -12,6 +12,7 @@ TOP_LEVEL_KEYS = (
     "model",
     "seed",
     "batch_size",
+    "deterministic",
     "output",
     "prompts",
     "chat_template",
