@@ -93,11 +93,15 @@ def _records(source: PromptSource) -> Iterator[tuple[str, str, dict[str, Any]]]:
     if not path.is_file():
         raise RunError(f"prompts.file: no such file '{path}'")
     count = 0
+    skipped = 0
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if source.limit is not None and count >= source.limit:
                 return
             if not line.strip():
+                continue
+            if skipped < source.skip:
+                skipped += 1
                 continue
             prompt_id, text, record = _parse_line(path, line_no, line, source)
             count += 1
@@ -109,7 +113,7 @@ def count_prompts(source: PromptSource) -> int:
     if source.inline is not None:
         return len(source.inline)
     with Path(source.file or "").open(encoding="utf-8") as f:
-        n = sum(1 for line in f if line.strip())
+        n = max(sum(1 for line in f if line.strip()) - source.skip, 0)
     return n if source.limit is None else min(n, source.limit)
 
 
