@@ -270,7 +270,9 @@ def _mapped_device(model: Any) -> str:
     """`device_map {...}`: where accelerate put each module (provenance)."""
     import json
 
-    placed = getattr(model, "hf_device_map", None) or {}
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:  # a map that names one device: transformers just moves the model there
+        return "device_map " + _actual_device(model, "cpu")
     return "device_map " + json.dumps({k: str(v) for k, v in placed.items()})
 
 
