@@ -321,3 +321,14 @@ def test_smollm2_across_cuda_and_cpu_equals_one_gpu(smollm2_dir: Path, tmp_path:
     for name in plain:
         np.testing.assert_allclose(placed.array(name), plain.array(name), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(placed.metric("p_paris"), plain.metric("p_paris"), rtol=1e-4)
+
+
+def test_the_scaling_docs_placements_validate() -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", doc, re.DOTALL) if "device_map" in b]
+    assert len(blocks) >= 2
+    for block in blocks:
+        loaded = check_spec("nnrun: 1\nprompts: [a]\n" + block)
+        assert loaded.data["model"]["device_map"]

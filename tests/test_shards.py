@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import shard_cases
-from helpers import assert_same_output, one_torch_thread
+from helpers import assert_same_output, one_torch_thread, write_yaml
 
 import nnrun
 from nnrun.executor import Shard, plan_shards, run_shard
@@ -162,3 +162,26 @@ def test_executor_ray_without_ray_says_how_to_install(
     with pytest.raises(nnrun.NnrunError, match=r"pip install 'nnrun\[ray\]'"):
         nnrun.run(shard_cases.patching(tiny_llama), output=tmp_path / "x.h5", executor="ray")
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "2"], "--workers only apply with --executor ray"),
+        (["--address", "auto", "--gpus-per-worker", "1"], "--address, --gpus-per-worker only"),
+        (["--executor", "dask"], "--executor 'dask': use local or ray"),
+    ],
+)
+def test_cli_ray_options_need_the_ray_executor(
+    tiny_llama: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from nnrun.cli import app
+
+    spec = write_yaml(tmp_path / "s.yaml", shard_cases.patching(tiny_llama))
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["run", str(spec), *args])
+    # main() prints an NnrunError as one line with exit 1; app raises it before any load
+    assert isinstance(result.exception, nnrun.NnrunError), result.output
+    assert message in str(result.exception)
+    assert not (tmp_path / "runs").exists()

@@ -294,6 +294,12 @@ class _Pool:
             num_cpus=cpus, num_gpus=options.gpus_per_worker or None, max_restarts=0
         )
         self.actors = [self._start() for _ in range(size)]
+        try:  # wait until every worker has started, so a broken worker shows here
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except ray.exceptions.RayError as e:
+            self.close()
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise NnrunError(f"a Ray worker could not start: {reason}") from None
 
     def _start(self) -> Any:
         return self.actor_class.remote(os.getcwd(), int(self.cpus))

@@ -234,8 +234,15 @@ class ShardWorker:
             os.chdir(cwd)
         import torch
 
+        import nnrun._run  # noqa: F401  (the imports are part of starting, not of a shard)
+        import nnrun.models  # noqa: F401
+
         torch.set_num_threads(max(1, threads))
         self.name = f"{os.uname().nodename}:{os.getpid()}"
+
+    def ready(self) -> str:
+        """Answers once the worker has started (its imports done): `host:pid`."""
+        return self.name
 
     def run(self, loaded: LoadedSpec, shard: Shard, path: str) -> dict[str, Any]:
         start = time.perf_counter()
