@@ -174,6 +174,26 @@ def test_dict_map_with_disk_offload_equals_plain_load(
     assert placed.attrs["device"] == "cpu"  # where inputs went: not `meta`
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dict_map_across_cuda_and_cpu_equals_one_gpu(
+    tiny_llama: Path, tmp_path: Path, operand: Path
+) -> None:
+    """Layer 1, the norm and the head offloaded to the CPU, executed on cuda:0."""
+    spec = everything("llama", tiny_llama, operand)
+    spec["model"]["device"] = "cuda:0"
+    placement = {
+        k: ("cpu" if k in ("model.layers.1", "model.norm", "lm_head") else 0) for k in MAPS["llama"]
+    }
+    plain = nnrun.run(spec, output=tmp_path / "plain.h5", cache=False)
+    placed = nnrun.run(
+        mapped(spec, placement, tmp_path / "offload"), output=tmp_path / "mapped.h5", cache=False
+    )
+    assert placed.generation() == plain.generation()
+    assert_same_output(
+        plain.path, placed.path, rtol=1e-4, atol=1e-5, skip=frozenset({"spec", "spec_sha256"})
+    )
+
+
 def test_strategy_map_with_max_memory_spills_to_disk(tiny_llama: Path, tmp_path: Path) -> None:
     spec = {
         "path": str(tiny_llama),
