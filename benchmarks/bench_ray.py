@@ -84,7 +84,12 @@ def main() -> None:
         start = time.perf_counter()
         reports["ray"].append(cold())
         times["ray"].append(time.perf_counter() - start)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
         try:
             start = time.perf_counter()
             reports["ray (warm)"].append(warm())

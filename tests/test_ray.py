@@ -39,7 +39,11 @@ def cluster() -> Any:
     import ray  # the test extra installs it: a missing Ray must fail here, not skip
 
     ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+        address="local",  # never a cluster that happens to run on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
     )
     yield ray
     ray.shutdown()

@@ -184,10 +184,9 @@ def _connect(ray: Any, address: str | None) -> None:
     quiet = _DropMessage("Token authentication is enabled")
     auth.addFilter(quiet)
     try:
-        if address is None:
-            ray.init(**kwargs)
-        else:
-            ray.init(address=address, **kwargs)
+        # "local" starts a cluster for this run even when another runs on this machine
+        # (or a stale one is recorded in /tmp/ray): --address auto joins that one.
+        ray.init(address=address or "local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if address is None:
