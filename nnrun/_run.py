@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,20 @@ from nnrun.spec._constants import CONFIRM_SWEEP_POINTS
 class RunProgress:
     """Where a run stands; passed to the progress callback after every step."""
 
-    stage: str = "loading model"  # loading model | compiling | running | done
+    stage: str = "loading model"  # loading model | compiling | running | merging | done
     rows_done: int = 0
     rows_total: int | None = None  # None while unknown (prompts streamed from a file)
     points_done: int = 0
     points_total: int = 1
     points_failed: int = 0
     failures: dict[int, str] = field(default_factory=dict)  # point index -> message
+    # A distributed run (--executor ray): shards finished (skipped ones included),
+    # shards that failed every try, and how many tries were repeated.
+    shards_done: int = 0
+    shards_total: int = 0
+    shards_running: int = 0
+    shards_failed: int = 0
+    retries: int = 0
 
 
 ProgressFn = Callable[[RunProgress], None]
@@ -92,6 +99,79 @@ def sweep_layout(spec: LoadedSpec) -> Any:
         labels=tuple(p.label for p in points),
         hashes=tuple(point_sha256(p.data) for p in points),
     )
+
+
+def write_output(
+    loaded: LoadedSpec,
+    path: Path,
+    runner: SweepRunner,
+    *,
+    resume: bool = False,
+    attrs: dict[str, Any] | None = None,
+) -> None:
+    """Open the output file for `runner` and run every group into it.
+
+    This is a local run (`nnrun.run`) and one shard of a distributed run alike. The
+    first group is compiled before the file is opened, so a spec without a sweep that
+    does not compile leaves no file. `attrs` are added to the file's root attributes.
+    """
+    from functools import partial
+
+    from nnrun.compile import model_device
+    from nnrun.engine._batch import iter_prompt_meta
+    from nnrun.store import OutputWriter, provenance
+
+    model = runner.first_model()
+    first_plan = runner.prepare(0)[0] if runner.groups else None
+    first = loaded.points()[0].data
+    root = provenance(
+        loaded.text,
+        int(first.get("seed", 0)),
+        model.info.as_attrs(),
+        str(model_device(model.model)),
+    )
+    root.update(run_attrs(loaded))
+    root.update(attrs or {})
+    streamed = is_prompt_file(first["prompts"])
+    meta = None
+    if streamed and first_plan is not None:
+        meta = partial(iter_prompt_meta, first_plan.prompts)  # extra JSONL fields
+    with OutputWriter(
+        path,
+        root,
+        sizes=_model_sizes(model.model),
+        prompt_ids=None if streamed else tuple(first["prompts"]),
+        sweep=sweep_layout(loaded),
+        resume=resume,
+        prompt_meta=meta,
+    ) as out:
+        runner.run(out)
+
+
+def run_attrs(loaded: LoadedSpec) -> dict[str, Any]:
+    """What a run records about itself besides provenance: the `-s` overrides, a sha256
+    of every input file, and torch's thread count (CPU sums depend on it, so
+    `nnrun reproduce` uses the recorded one)."""
+    import torch
+
+    from nnrun.store import input_files
+
+    points = [(p.label, p.data) for p in loaded.points()] if loaded.sweep else None
+    return {
+        "overrides": json.dumps(list(loaded.overridden.values())),
+        "inputs": json.dumps(input_files(loaded.data, points)),
+        "torch_num_threads": int(torch.get_num_threads()),
+    }
+
+
+def _model_sizes(model: Any) -> dict[str, int]:
+    config = getattr(model, "config", None)
+    sizes = {}
+    for label, key in (("vocab", "vocab_size"), ("hidden", "hidden_size")):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            sizes[label] = value
+    return sizes
 
 
 def position_variables(spec: LoadedSpec) -> dict[str, str]:
@@ -204,10 +284,13 @@ class SweepRunner:
         progress: ProgressFn | None = None,
         log: Callable[[str], None] | None = None,
         cache: bool = True,
+        window: tuple[int, int] | None = None,
     ) -> None:
         from nnrun.compile import group_points
 
         self.spec = spec
+        # Prompts [start, stop) of a prompt file: one shard of a distributed run.
+        self.window = window
         self.report = progress or (lambda _state: None)
         self.log = log
         self.cache = cache
@@ -287,6 +370,10 @@ class SweepRunner:
         if not compiled:
             return None
         plan = pack_points(compiled, spec_text=self.spec.text)
+        if self.window is not None and plan.rows is None:
+            start, stop = self.window
+            prompts = replace(plan.prompts, skip=plan.prompts.skip + start, limit=stop - start)
+            plan = replace(plan, prompts=prompts)
         if plan.rows is None:
             # Read the whole prompt file once now: a bad line is reported before any
             # output file exists, and the count gives the progress bar its total.

@@ -8,11 +8,9 @@ torch.Size([2, 30, 1, 576])
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,12 @@ def run(
     resume: bool = False,
     yes: bool = False,
     cache: bool = True,
+    executor: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 0,
+    shard_size: int | None = None,
+    retries: int = 2,
 ) -> Results:
     """Validate, compile and execute a spec; write its output file; return its results.
 
@@ -51,14 +55,18 @@ def run(
     The output path is checked and locked before the model loads; SIGINT and
     SIGTERM raise `nnrun.Interrupted` and leave at most a file marked partial.
 
+    `executor="ray"` splits the work into shards (groups of sweep points, or windows
+    of a prompt file) and runs them on a Ray cluster (`address`, default: a local one)
+    with `workers` workers that each load the model once (`gpus_per_worker` GPUs
+    each); a shard that fails is tried `retries` more times. The merged file is the
+    one a local run writes (see docs/scaling.md). Needs `pip install nnrun[ray]`.
+
     >>> results = nnrun.run("specs/activation-patching.yaml")        # doctest: +SKIP
     >>> results.metric("logit_diff").shape, results.coords("logit_diff")  # doctest: +SKIP
     """
-    from nnrun._run import SweepRunner, check_size, done_points, sweep_layout
-    from nnrun.compile import model_device
-    from nnrun.engine._batch import iter_prompt_meta
-    from nnrun.spec import is_prompt_file, with_output
-    from nnrun.store import OutputWriter, claim_output, input_files, output_path, provenance
+    from nnrun._run import SweepRunner, check_size, done_points, write_output
+    from nnrun.spec import with_output
+    from nnrun.store import claim_output, output_path
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     check_size(loaded, yes)
@@ -68,7 +76,21 @@ def run(
         output if output is not None else data["output"], data["output"], data["name"]
     )
     loaded = with_output(loaded, str(target))
+    if executor not in ("local", "ray"):
+        raise NnrunError(f"unknown executor {executor!r}; use local or ray")
     with claim_output(target, overwrite=overwrite):
+        if executor == "ray":
+            from nnrun.executor import RayOptions, run_ray
+
+            options = RayOptions(
+                address=address,
+                workers=workers,
+                gpus_per_worker=gpus_per_worker,
+                shard_size=shard_size,
+                retries=retries,
+            )
+            run_ray(loaded, target, options, progress=progress, log=log, resume=resume)
+            return load(target)
         runner = SweepRunner(
             loaded,
             done=done_points(loaded, target) if resume else None,
@@ -76,54 +98,8 @@ def run(
             log=log,
             cache=cache,
         )
-        model = runner.first_model()
-        # Compile the first group before opening the file: a spec without a sweep that
-        # does not compile leaves no file.
-        first_plan = runner.prepare(0)[0] if runner.groups else None
-        first = loaded.points()[0].data
-        attrs = provenance(
-            loaded.text,
-            int(first.get("seed", 0)),
-            model.info.as_attrs(),
-            str(model_device(model.model)),
-        )
-        attrs["overrides"] = json.dumps(list(loaded.overridden.values()))
-        # CPU results are bit-exact only with the same thread count (it splits the
-        # reductions): `nnrun reproduce` uses the recorded one.
-        attrs["torch_num_threads"] = _torch_threads()
-        points = [(p.label, p.data) for p in loaded.points()] if loaded.sweep else None
-        attrs["inputs"] = json.dumps(input_files(loaded.data, points))
-        streamed = is_prompt_file(first["prompts"])
-        meta = None
-        if streamed and first_plan is not None:
-            meta = partial(iter_prompt_meta, first_plan.prompts)  # extra JSONL fields
-        with OutputWriter(
-            target,
-            attrs,
-            sizes=_model_sizes(model.model),
-            prompt_ids=None if streamed else tuple(first["prompts"]),
-            sweep=sweep_layout(loaded),
-            resume=resume,
-            prompt_meta=meta,
-        ) as out:
-            runner.run(out)
+        write_output(loaded, target, runner, resume=resume)
     return load(target)
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return int(torch.get_num_threads())
-
-
-def _model_sizes(model: Any) -> dict[str, int]:
-    config = getattr(model, "config", None)
-    sizes = {}
-    for label, key in (("vocab", "vocab_size"), ("hidden", "hidden_size")):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            sizes[label] = value
-    return sizes
 
 
 def describe_saves(results: Results) -> dict[str, dict[str, Any]]:

@@ -90,6 +90,43 @@ YesOption = Annotated[
     bool, typer.Option("--yes", "-y", help="Run a sweep of more than 10,000 points.")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ExecutorOption = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        help="local, or ray: shards on a Ray cluster (pip install 'nnrun[ray]'; docs/scaling.md).",
+    ),
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address", help="Ray: the cluster to use (auto, HOST:PORT); default: a local one."
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Ray: worker processes, each loading the model once (default: one per "
+        "--gpus-per-worker GPUs, else one per node).",
+        min=1,
+    ),
+]
+GpusOption = Annotated[
+    float, typer.Option("--gpus-per-worker", help="Ray: GPUs each worker takes.", min=0)
+]
+ShardSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--shard-size",
+        help="Ray: sweep points (or prompts of a prompt file) per shard; default: about "
+        "4 shards per worker.",
+        min=1,
+    ),
+]
+RetriesOption = Annotated[
+    int, typer.Option("--retries", help="Ray: further tries of a failing shard.", min=0)
+]
 
 
 def _spec_source(spec: Path) -> Path | str:
@@ -106,10 +143,24 @@ def run(
     resume: ResumeOption = False,
     yes: YesOption = False,
     quiet: QuietOption = False,
+    executor: ExecutorOption = "local",
+    address: AddressOption = None,
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusOption = 0,
+    shard_size: ShardSizeOption = None,
+    retries: RetriesOption = 2,
 ) -> None:
     """Run an experiment (every point of its sweep, if it has one) and write its HDF5 file."""
     from nnrun import api
 
+    if executor not in ("local", "ray"):
+        raise NnrunError(f"--executor {executor!r}: use local or ray")
+    ray_only = {"--address": address, "--workers": workers, "--shard-size": shard_size}
+    given = [k for k, v in ray_only.items() if v is not None] + (
+        ["--gpus-per-worker"] if gpus_per_worker else []
+    )
+    if executor == "local" and given:
+        raise NnrunError(f"{', '.join(given)} only apply with --executor ray")
     try:
         with _progress_bar(quiet) as (progress, log):
             results = api.run(
@@ -121,6 +172,12 @@ def run(
                 log=log,
                 resume=resume,
                 yes=yes,
+                executor=executor,
+                address=address,
+                workers=workers,
+                gpus_per_worker=gpus_per_worker,
+                shard_size=shard_size,
+                retries=retries,
             )
     except Interrupted as e:
         # One line: what stopped the run and what it left where (130 for Ctrl-C, 143 for TERM).
@@ -146,9 +203,29 @@ def sweep(
     resume: ResumeOption = False,
     yes: YesOption = False,
     quiet: QuietOption = False,
+    executor: ExecutorOption = "local",
+    address: AddressOption = None,
+    workers: WorkersOption = None,
+    gpus_per_worker: GpusOption = 0,
+    shard_size: ShardSizeOption = None,
+    retries: RetriesOption = 2,
 ) -> None:
     """Run a sweep: the same as `nnrun run` (which runs sweeps too)."""
-    run(spec, set_, output, overwrite, resume, yes, quiet)
+    run(
+        spec,
+        set_,
+        output,
+        overwrite,
+        resume,
+        yes,
+        quiet,
+        executor,
+        address,
+        workers,
+        gpus_per_worker,
+        shard_size,
+        retries,
+    )
 
 
 @contextmanager
@@ -184,14 +261,15 @@ def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
                 points = f"points {state.points_done}/{state.points_total}"
                 if state.points_failed:
                     points += f" ({state.points_failed} failed)"
-            description = "rows" if state.stage == "running" else f"{state.stage} ..."
-            bar.update(
-                task,
-                completed=state.rows_done,
-                total=state.rows_total,
-                description=description,
-                points=points,
-            )
+            if state.shards_total:  # a distributed run counts shards, not rows
+                if state.retries:
+                    points += f" ({state.retries} retried)"
+                description = "shards" if state.stage == "running" else f"{state.stage} ..."
+                done, total = state.shards_done, state.shards_total
+            else:
+                description = "rows" if state.stage == "running" else f"{state.stage} ..."
+                done, total = state.rows_done, state.rows_total
+            bar.update(task, completed=done, total=total, description=description, points=points)
 
         def log(message: str) -> None:
             bar.console.print(f"[dim]{message}[/dim]")

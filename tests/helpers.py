@@ -60,3 +60,81 @@ def h5_str(value: Any) -> Any:
     if isinstance(value, list):
         return [h5_str(v) for v in value]
     return value
+
+
+# Root attributes that say when, where and how a file was made, not what it holds.
+PROVENANCE_ATTRS = frozenset(
+    {
+        "command",
+        "started_utc",
+        "finished_utc",
+        "resumed_utc",
+        "git_commit",
+        "git_dirty",
+        "executor",
+        "device",
+        "model_device",
+        # The spec records the file it was written to; the files compared differ there.
+        "spec_sha256",
+    }
+)
+# Attributes holding references into their own file (dimension scales): compared as labels.
+_REFERENCE_ATTRS = frozenset({"DIMENSION_LIST", "REFERENCE_LIST"})
+
+
+def assert_same_output(
+    a: Path, b: Path, *, rtol: float = 1e-5, atol: float = 1e-6, skip: frozenset[str] = frozenset()
+) -> None:
+    """Two output files hold the same datasets, attributes and values.
+
+    Floats compare with allclose (NaN padding equal to NaN), everything else exactly;
+    every dataset's attributes and axis labels must match; root attributes must match
+    except provenance (times, command, device: PROVENANCE_ATTRS) and `skip`.
+    (`nnrun diff` from the reproduce work compares values the same way.)
+    """
+    import h5py
+    import numpy as np
+
+    def tree(f: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        f.visititems(lambda name, obj: found.setdefault(name, obj))
+        return found
+
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        ta, tb = tree(fa), tree(fb)
+        assert sorted(ta) == sorted(tb), f"only in one file: {sorted(set(ta) ^ set(tb))}"
+        ignored = PROVENANCE_ATTRS | skip
+        for key in set(fa.attrs) | set(fb.attrs):
+            if key in ignored:
+                continue
+            assert key in fa.attrs and key in fb.attrs, f"root attribute {key} in one file only"
+            if key == "spec":  # the same spec, but for the output file each was written to
+                specs = [yaml.safe_load(h5_str(f.attrs[key])) for f in (fa, fb)]
+                for spec in specs:
+                    spec.pop("output", None)
+                assert specs[0] == specs[1], "root attribute spec"
+                continue
+            assert h5_str(fa.attrs[key]) == h5_str(fb.attrs[key]), f"root attribute {key}"
+        for name, x in ta.items():
+            y = tb[name]
+            assert type(x) is type(y), name
+            keys = set(x.attrs) - _REFERENCE_ATTRS
+            assert keys == set(y.attrs) - _REFERENCE_ATTRS, f"/{name}: attributes differ"
+            for key in keys:
+                u, v = x.attrs[key], y.attrs[key]
+                if isinstance(u, np.ndarray):
+                    assert np.array_equal(u, v) or h5_str(u) == h5_str(v), f"/{name} @{key}"
+                else:
+                    assert h5_str(u) == h5_str(v), f"/{name} @{key}: {u!r} != {v!r}"
+            if not isinstance(x, h5py.Dataset):
+                continue
+            assert x.shape == y.shape, f"/{name}: shape {x.shape} != {y.shape}"
+            assert x.dtype == y.dtype, f"/{name}: dtype {x.dtype} != {y.dtype}"
+            assert [d.label for d in x.dims] == [d.label for d in y.dims], f"/{name}: axes"
+            if x.dtype.kind == "f":
+                u, v = x[()], y[()]
+                assert np.allclose(u, v, rtol=rtol, atol=atol, equal_nan=True), (
+                    f"/{name}: max difference {np.nanmax(np.abs(u - v))}"
+                )
+            else:
+                assert np.array_equal(x[()], y[()]), f"/{name}: values differ"

@@ -110,12 +110,34 @@ def value_shape(shape: Shape, indices: tuple[int, ...], *, root: bool) -> tuple[
     return tuple(shape[2:])
 
 
+def module_device(module: nn.Module) -> torch.device | None:
+    """Where a module computes: accelerate's execution device under a device map (its
+    weights may wait on `meta` for it), else its parameters' device; None without any."""
+    hook = getattr(module, "_hf_hook", None)
+    executes = getattr(hook, "execution_device", None)
+    if executes is not None and not isinstance(executes, dict):
+        return torch.device(executes)
+    param = next(module.parameters(), None)
+    return None if param is None else param.device
+
+
 def model_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the model's own device, or the first shard's under a device map."""
+    """Where inputs go: the model's own device, or where accelerate runs it under a device map.
+
+    Under a device map, weights offloaded to cpu or disk sit on the `meta` device
+    between forwards, so `model.device` may say `meta`; accelerate's hook on the
+    root module knows where the model executes.
+    """
+    if getattr(model, "_hf_hook", None) is not None:
+        found = module_device(model)
+        if found is not None and found.type != "meta":
+            return found
     device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
+    if isinstance(device, torch.device) and device.type != "meta":
         return device
-    return next(model.parameters()).device
+    return next(
+        (p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu")
+    )
 
 
 def _probe_token(tokenizer: Any) -> int:

@@ -253,6 +253,9 @@ class PromptSource:
     limit: int | None = None
     # Render each text of a file through the tokenizer's chat template (one user turn).
     chat_template: bool = False
+    # Prompts of the file passed over before the first one taken (`limit` counts after
+    # them): a shard of a distributed run takes one window of the file.
+    skip: int = 0
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnrun.compile._probe import module_device
 from nnrun.compile.plan import ApplyStep
 from nnrun.errors import RunError
 
@@ -24,9 +25,9 @@ def apply_steps(
     for i, step in enumerate(steps):
         if step.kind == "module":
             module = modules[step.name]
-            weight = next(module.parameters(), None)
-            if weight is not None and weight.device != value.device:
-                value = value.to(weight.device)  # under a device map the module may live elsewhere
+            device = module_device(module)
+            if device is not None and device != value.device:
+                value = value.to(device)  # under a device map the module may live elsewhere
             try:
                 value = module.forward(value)
             except RunError:

@@ -98,6 +98,7 @@ def _records(source: PromptSource) -> Iterator[tuple[str, str, dict[str, Any]]]:
         raise RunError(f"prompts.file: no such file '{path}'")
     count = 0
     seen: dict[str, int] = {}
+    skipped = 0
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if source.limit is not None and count >= source.limit:
@@ -110,6 +111,9 @@ def _records(source: PromptSource) -> Iterator[tuple[str, str, dict[str, Any]]]:
                     f"{e.start + 1}); save the file as UTF-8"
                 ) from None
             if not line.strip():
+                continue
+            if skipped < source.skip:
+                skipped += 1
                 continue
             prompt_id, text, record = _parse_line(path, line_no, line, source)
             if prompt_id in seen:

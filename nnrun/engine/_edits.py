@@ -214,6 +214,7 @@ def apply_edit(
     index = ctx.index(edit.prompts, edit.tokens, edit.label, value.shape[1])
     if index is None or not bool(index.valid.any()):
         return value  # nothing selected at this step
+    index = index.to(value.device)  # a device map may put this site on another device
     selected = value[index.rows[:, None], index.columns]  # (R, K, ...)
     new = _compute(edit, selected, value, index, ctx, site_key, label, module_input)
     rows, columns = index.valid_entries()
@@ -252,7 +253,8 @@ def _compute(
                 f"{edit.label} at {label}: skip passes the module's input through, but it has "
                 f"{got} and output shape {tuple(value.shape)}; skip needs the two to match"
             )
-        return module_input[index.rows[:, None], index.columns]
+        # the input may still be on the previous module's device (accelerate moves it later)
+        return module_input.to(value.device)[index.rows[:, None], index.columns]
     operand = _operand(edit, selected, value, index, ctx, site_key, label)
     operand = _broadcast(edit, operand, selected, label)
     if op == "set":
@@ -293,13 +295,15 @@ def _operand(
     if found is None:
         raise RunError(f"{edit.label}: prompt '{operand.prompt}' is not in this batch")
     found = TokenIndex(found.rows[:1], found.columns[:1], found.valid[:1], found.ragged)
+    found = found.to(source.device)
     if found.ragged and index.ragged and found.columns.shape[1] != selected.shape[1]:
         raise RunError(
             f"{edit.label} at {label}: prompt '{operand.prompt}' gives {found.columns.shape[1]} "
             f"tokens for a selection of {selected.shape[1]}; select the same number of tokens "
             f"(e.g. tokens: [-1] or a list) or give from.tokens"
         )
-    return source[found.rows[:, None], found.columns]  # (1, Ks, ...)
+    # the source site may run on another device than this one (device maps)
+    return source[found.rows[:, None], found.columns].to(selected.device)  # (1, Ks, ...)
 
 
 def _noise(
@@ -327,6 +331,7 @@ def _mean_over(edit: EditAction, value: torch.Tensor, ctx: EditContext) -> torch
     found = ctx.index(over, edit.tokens, f"{edit.label} over {sorted(over)}", value.shape[1])
     if found is None:
         raise RunError(f"{edit.label}: none of the prompts {sorted(over)} is in this batch")
+    found = found.to(value.device)
     picked = value[found.rows[:, None], found.columns]  # (Ro, Ko, ...)
     return picked[found.valid].float().mean(dim=0).to(value.dtype)  # (...)
 

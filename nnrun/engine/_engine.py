@@ -408,6 +408,7 @@ class Engine:
             return
         logits = get_value(container, (), root=root, label=label)  # (B, T, V)
         index = index.fit(logits.shape[1], state.edits.width, f"{what} at {label}")
+        index = index.to(logits.device)
         picked = logits[index.rows, index.columns[:, 0]]  # (R, V)
         reference = None
         if metric.reference is not None:
@@ -417,6 +418,7 @@ class Engine:
             if found is None:
                 raise RunError(f"{what}: reference row '{metric.reference}' is not in the batch")
             found = found.fit(logits.shape[1], state.edits.width, f"{what} at {label}")
+            found = found.to(logits.device)
             reference = logits[found.rows[:1], found.columns[:1, 0]]  # (1, V)
         values = compute_metric(metric.kind, picked, metric.token_ids, reference)  # (R,)
         state.metrics.setdefault(metric.key, []).append((values, index.rows))
@@ -441,6 +443,7 @@ class Engine:
                 f"tokens, ...) but it has shape {tuple(value.shape)}"
             )
         index = index.fit(value.shape[1], state.edits.width, f"{what} at {label}")
+        index = index.to(value.device)  # a device map may put this site elsewhere
         if not wanted:  # only the sample's shape is used: one column is enough
             index = TokenIndex(index.rows, index.columns[:, :1], index.valid[:, :1], True)
         picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
@@ -600,9 +603,13 @@ def _assemble(values: list[Any], index: TokenIndex, layered: bool, batch: Batch)
         parts = {"values": values}
     host: dict[str, torch.Tensor] = {}  # still on the device
     for key, tensors in parts.items():
-        data = torch.stack(tensors, dim=1) if layered else tensors[0]  # (R, [L], K, ...)
+        if layered:  # under a device map the layers may sit on different devices
+            device = tensors[0].device
+            data = torch.stack([t.to(device) for t in tensors], dim=1)  # (R, L, K, ...)
+        else:
+            data = tensors[0]  # (R, K, ...)
         if index.ragged:
-            valid = index.valid  # (R, K)
+            valid = index.valid.to(data.device)  # (R, K)
             shape = (valid.shape[0],) + (1,) * int(layered) + (valid.shape[1],)
             valid = valid.view(*shape, *([1] * (data.dim() - len(shape))))
             fill = float("nan") if data.is_floating_point() else -1

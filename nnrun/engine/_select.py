@@ -38,6 +38,15 @@ class TokenIndex:
         valid = self.valid
         return self.rows[:, None].expand_as(self.columns)[valid], self.columns[valid]
 
+    def to(self, device: torch.device) -> TokenIndex:
+        """The same index on `device`: under a device map a site's value may live on
+        another device than the batch, and indexing needs both on one."""
+        if self.rows.device == device:
+            return self
+        return TokenIndex(
+            self.rows.to(device), self.columns.to(device), self.valid.to(device), self.ragged
+        )
+
     def fit(self, value_tokens: int, input_tokens: int, what: str) -> TokenIndex:
         """Shift columns for a value that covers only the last `value_tokens` inputs.
 

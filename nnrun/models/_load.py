@@ -53,8 +53,7 @@ def load_model(
         raise ModelError(f"model.trust_remote_code must be true or false, not {trust!r}")
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    kwargs.update(placement_kwargs(model_spec))
     tok_kwargs: dict[str, Any] = {"trust_remote_code": trust}
 
     if source == "id":
@@ -131,7 +130,7 @@ def load_model(
         weights_files_sha256=weights_files_sha256(resolved) if isinstance(resolved, Path) else "",
         model_class=type(model).__name__,
         dtype=str(getattr(model, "dtype", torch.float32)).removeprefix("torch."),
-        device="device_map" if device is None else _actual_device(model, device),
+        device=_mapped_device(model) if device is None else _actual_device(model, device),
     )
     if new_modules and progress is not None:
         progress(
@@ -243,6 +242,39 @@ def _resolve_device(value: Any) -> str:
             )
         return device
     raise ModelError(f"model.device {device!r} is not one of auto, cpu, mps, cuda, cuda:N")
+
+
+def placement_kwargs(model_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """from_pretrained's device_map, max_memory and offload_folder, as accelerate takes them.
+
+    Strategy names (auto, balanced, ...) pass through; in a mapping and in max_memory
+    GPUs become numbers (`cuda:1`, `"1"` -> 1), which is how accelerate names them.
+    """
+    from nnrun.spec._devices import accelerate_device
+
+    device_map = model_spec.get("device_map")
+    if device_map is None:
+        return {}
+    out: dict[str, Any] = {"device_map": device_map}
+    if isinstance(device_map, Mapping):
+        out["device_map"] = {str(k): accelerate_device(v) for k, v in device_map.items()}
+    memory = model_spec.get("max_memory")
+    if isinstance(memory, Mapping):
+        out["max_memory"] = {accelerate_device(k): v for k, v in memory.items()}
+    folder = model_spec.get("offload_folder")
+    if folder:
+        out["offload_folder"] = str(Path(str(folder)).expanduser())
+    return out
+
+
+def _mapped_device(model: Any) -> str:
+    """`device_map {...}`: where accelerate put each module (provenance)."""
+    import json
+
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:  # a map that names one device: transformers just moves the model there
+        return "device_map " + _actual_device(model, "cpu")
+    return "device_map " + json.dumps({k: str(v) for k, v in placed.items()})
 
 
 def _actual_device(model: Any, fallback: str) -> str:

@@ -26,6 +26,7 @@ _PATTERN_WORDS = {
     r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$": "is not a hub id; write org/name",
     r"\.[gG][gG][uU][fF]$": "is not a .gguf file name",
     r"^(auto|cpu|mps|cuda(:[0-9]+)?)$": "is not a device; use auto, cpu, mps, cuda or cuda:N",
+    r"^[0-9]+(\.[0-9]+)?\s*[KMG]i?B$": "is not a memory size; write e.g. 20GiB, 500MB or a number of bytes",
     r"^@?[A-Za-z_][A-Za-z0-9_]*(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)|\[-?[0-9]+\])*$": (
         "is neither a named op (softmax, log_softmax, argmax, norm, mean, sum, float) "
         "nor a module path like model.norm or @ln_final"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ._constants import EDIT_OPS, METRIC_KINDS, MODEL_SOURCES, VALUE_OPS
+from ._devices import is_device_name
 from ._location import parse_location
 from ._messages import did_you_mean, one_of_words, show
 from ._paths import join_path
@@ -166,6 +167,45 @@ class _Checker:
                 "model.device_map",
                 "device_map places the model over devices itself; remove device (or device_map)",
             )
+        self.placement(model)
+
+    def placement(self, model: dict[str, Any]) -> None:
+        """device_map's devices, and the keys that only mean something beside it."""
+        device_map = model.get("device_map")
+        for key in ("max_memory", "offload_folder"):
+            if key in model and device_map is None:
+                self.add(
+                    f"model.{key}",
+                    f"{key} only applies to a device_map; add device_map: auto (or remove {key})",
+                )
+        if isinstance(device_map, dict):
+            for module, device in device_map.items():
+                where = join_path("model.device_map", str(module))
+                if where not in self.covered and not is_device_name(device, map_value=True):
+                    self.add(
+                        where,
+                        f"{show(device)} is not a device; use cpu, disk, cuda:N or a GPU number",
+                    )
+            if "disk" in device_map.values() and not model.get("offload_folder"):
+                self.add(
+                    "model.offload_folder",
+                    "device_map puts modules on disk, so it needs a folder for their weights: "
+                    "add offload_folder: DIR",
+                )
+            if "max_memory" in model:
+                self.add(
+                    "model.max_memory",
+                    "max_memory guides device_map: auto, balanced or sequential; a mapping "
+                    "module -> device places modules itself (remove max_memory)",
+                )
+        memory = model.get("max_memory")
+        if isinstance(memory, dict):
+            for device in memory:
+                if not is_device_name(device, map_value=False):
+                    self.add(
+                        join_path("model.max_memory", str(device)),
+                        f"{show(device)} is not a device; use cpu, disk, cuda:N or a GPU number",
+                    )
 
     def generate(self) -> None:
         generate = self.data.get("generate")

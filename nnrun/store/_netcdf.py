@@ -31,7 +31,7 @@ def add_netcdf_dimensions(file: h5py.File) -> None:
     Safe to call again on a file that grew (a resumed run): earlier dimensions are
     detached and replaced.
     """
-    _remove_dimensions(file)
+    remove_netcdf_dimensions(file)
     uses: list[tuple[h5py.Dataset, int, str, int, str]] = []  # dataset, axis, label, size, owner
 
     def visit(path: str, obj: object) -> None:
@@ -74,7 +74,8 @@ def add_netcdf_dimensions(file: h5py.File) -> None:
         ds.dims[axis].attach_scale(file[name])
 
 
-def _remove_dimensions(file: h5py.File) -> None:
+def remove_netcdf_dimensions(file: h5py.File) -> None:
+    """Detach and delete the dimensions `add_netcdf_dimensions` made."""
     old = [k for k, v in file.items() if isinstance(v, h5py.Dataset) and _ours(v)]
     if not old:
         return

@@ -598,38 +598,42 @@ class OutputWriter:
             ds[where[:-1] + (slice(where[-1], where[-1] + stop - start),)] = block[start:stop]
 
     def _finish_axes(self) -> None:
-        """Label every axis and attach the coordinate scales (HDF5 dimension scales).
+        finish_axes(self.file, self.sweep)
 
-        Then every axis of every dataset gets a netCDF dimension, so the file opens
-        with xarray as it is (see _netcdf.py).
-        """
-        sweep_scales = {}
-        if "sweep" in self.file and self.sweep is not None:
-            group = self.file["sweep"]
-            for dim in self.sweep.dims:
-                scale = group[dim]
-                if not scale.is_scale:
-                    scale.make_scale(dim)
-                sweep_scales[dim] = scale
-        for kind in ("saves", "metrics"):
-            for ds in self.file.get(kind, {}).values():
-                axes = json.loads(ds.attrs["axes"])
-                group = self.file["axes"].get(ds.attrs.get("save", ds.attrs.get("metric")))
-                for i, axis in enumerate(axes[: ds.ndim]):
-                    ds.dims[i].label = axis
-                    scale = sweep_scales.get(axis)
-                    if scale is None and group is not None and axis in group:
-                        scale = group[axis]
-                        if scale.ndim != 1 or scale.shape[0] != ds.shape[i]:
-                            continue
-                        if not scale.is_scale:
-                            scale.make_scale(axis)
-                    if scale is not None and not ds.dims[i]:
-                        ds.dims[i].attach_scale(scale)
-        try:
-            add_netcdf_dimensions(self.file)
-        except Exception as e:  # never let the xarray view cost the run its output
-            self.file.attrs["netcdf_error"] = f"{type(e).__name__}: {e}"
+
+def finish_axes(file: h5py.File, sweep: SweepLayout | None) -> None:
+    """Label every axis and attach the coordinate scales (HDF5 dimension scales).
+
+    Then every axis of every dataset gets a netCDF dimension, so the file opens
+    with xarray as it is (see _netcdf.py). Safe on a file that already has them.
+    """
+    sweep_scales = {}
+    if "sweep" in file and sweep is not None:
+        group = file["sweep"]
+        for dim in sweep.dims:
+            scale = group[dim]
+            if not scale.is_scale:
+                scale.make_scale(dim)
+            sweep_scales[dim] = scale
+    for kind in ("saves", "metrics"):
+        for ds in file.get(kind, {}).values():
+            axes = json.loads(ds.attrs["axes"])
+            group = file["axes"].get(ds.attrs.get("save", ds.attrs.get("metric")))
+            for i, axis in enumerate(axes[: ds.ndim]):
+                ds.dims[i].label = axis
+                scale = sweep_scales.get(axis)
+                if scale is None and group is not None and axis in group:
+                    scale = group[axis]
+                    if scale.ndim != 1 or scale.shape[0] != ds.shape[i]:
+                        continue
+                    if not scale.is_scale:
+                        scale.make_scale(axis)
+                if scale is not None and not ds.dims[i]:
+                    ds.dims[i].attach_scale(scale)
+    try:
+        add_netcdf_dimensions(file)
+    except Exception as e:  # never let the xarray view cost the run its output
+        file.attrs["netcdf_error"] = f"{type(e).__name__}: {e}"
 
 
 def read_partial(path: Path) -> dict[str, Any] | None:
