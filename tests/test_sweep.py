@@ -9,6 +9,7 @@ interruption without recomputing, isolated failures, and the bad input of issue 
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -715,3 +716,52 @@ def test_each_model_loads_once_however_the_sweep_is_ordered(
     results = nnrun.run(spec, output=tmp_path / "o.h5")
     assert results.failed_points() == {} and len(loads) == 2
     nnrun.clear_cache()
+
+
+def test_metric_tokens_from_a_prompt_file_field(tiny_llama: Path, tmp_path: Path) -> None:
+    """A question/answer dataset: each prompt's probability of its own answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    records = [
+        {"id": "fr", "text": "The capital of France is", "answer": " Paris", "foil": " Berlin"},
+        {"id": "de", "text": "The capital of Germany is", "answer": " Berlin", "foil": " Paris"},
+        {"id": "it", "text": "The capital of Italy is", "answer": " Rome", "foil": " Paris"},
+    ]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = {
+        "nnrun": 1,
+        "model": {"path": str(tiny_llama)},
+        "batch_size": 2,
+        "prompts": {"file": str(data), "id_field": "id"},
+        "metrics": {
+            "p_answer": {"prob": {"field": "answer"}},
+            "ld": {"logit_diff": [{"field": "answer"}, {"field": "foil"}]},
+        },
+    }
+    results = nnrun.run(spec, output=tmp_path / "qa.h5")
+    assert results.prompt_ids("p_answer") == ["fr", "de", "it"]
+    assert results.prompt_meta()["answer"] == [" Paris", " Berlin", " Rome"]
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    for i, record in enumerate(records):
+        with torch.no_grad():
+            x = model(**tok(record["text"], return_tensors="pt")).logits[0, -1]
+        answer, foil = (
+            tok.encode(record[k], add_special_tokens=False)[0] for k in ("answer", "foil")
+        )
+        assert math.isclose(
+            results.metric("p_answer")[i], torch.softmax(x, -1)[answer], rel_tol=1e-4
+        )
+        assert math.isclose(
+            results.metric("ld")[i], x[answer] - x[foil], rel_tol=1e-4, abs_tol=1e-5
+        )
+    # A record without the field, an answer of several tokens, inline prompts: clear errors.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "text": "Hi", "answer": " Parisian"}) + "\n")
+    with pytest.raises(nnrun.RunError, match=r"prompt 'x' field 'answer' is ' Parisian'.*tokens"):
+        nnrun.run(
+            {**spec, "prompts": {"file": str(bad), "id_field": "id"}}, output=tmp_path / "b.h5"
+        )
+    with pytest.raises(nnrun.CompileError, match="JSONL prompt file"):
+        nnrun.run({**spec, "prompts": {"a": "Hi"}}, output=tmp_path / "c.h5")

@@ -331,15 +331,22 @@ def _metrics(
     for name, metric in metrics.items():
         path = f"metrics.{name}"
         kind = next(k for k in METRIC_KINDS if k in metric)
-        if kind == "kl":
-            token_ids: tuple[int, ...] = ()
-        elif kind == "logit_diff":
-            token_ids = tuple(
-                _token_id(tokenizer, t, vocab, f"{path}.logit_diff[{i}]")
-                for i, t in enumerate(metric[kind])
+        refs = [] if kind == "kl" else metric[kind] if kind == "logit_diff" else [metric[kind]]
+        where = (
+            [f"{path}.logit_diff[{i}]" for i in range(2)]
+            if kind == "logit_diff"
+            else [f"{path}.{kind}"]
+        )
+        fields = tuple(r.get("field") if isinstance(r, dict) else None for r in refs)
+        if any(fields) and not is_prompt_file(data.get("prompts")):
+            raise CompileError(
+                f"{path}: {{field: ...}} reads each prompt's token from its record in a JSONL "
+                "prompt file (prompts: {file: data.jsonl}); these prompts are written inline"
             )
-        else:
-            token_ids = (_token_id(tokenizer, metric[kind], vocab, f"{path}.{kind}"),)
+        token_ids: tuple[int, ...] = tuple(
+            -1 if name else _token_id(tokenizer, ref, vocab, w)
+            for ref, name, w in zip(refs, fields, where)
+        )
         position = int(metric.get("token", -1))
         step = int(metric.get("step", 0))
         if step > 0 and position != -1:
@@ -357,6 +364,7 @@ def _metrics(
                 tokens=parse_token_selection(position),
                 step=step,
                 reference=str(metric["kl"]) if kind == "kl" else None,
+                fields=fields if any(fields) else (),
             )
         )
         layouts.append(

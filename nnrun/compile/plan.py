@@ -89,6 +89,9 @@ class MetricAction:
     tokens: TokenSelection  # one position, in each row's own tokens
     step: int  # the generation step it reads (0: the prompt pass)
     reference: str | None = None  # kl: the row key of the reference distribution
+    # Per token: None for a fixed id above, or a prompt-file field holding each
+    # prompt's own token (`{field: answer}`; its id above is a placeholder, -1).
+    fields: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,8 @@ class PromptRow:
     # Rows this row's edits and metrics read (`from:`, mean_ablate over, kl): every
     # micro-batch that holds this row holds them too.
     sources: tuple[str, ...] = ()
+    # The other fields of its JSONL record (a prompt file's `answer`, ...).
+    fields: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ class Batch:
     prompts: list[str] | None = None
     # The tokenizer that made the rows: `tokens: {find: TEXT}` searches a prompt with it.
     tokenizer: Any = None
+    # Each row's JSONL record (prompt files), for metrics that read a field of it.
+    fields: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.prompts is None:
@@ -71,13 +73,22 @@ def iter_prompts(source: PromptSource, tokenizer: Any = None) -> Iterator[tuple[
     each text of a file goes through the tokenizer's chat template as one user
     message (inline prompts were rendered by the compiler).
     """
+    for prompt_id, text, _ in iter_prompt_records(source, tokenizer):
+        yield prompt_id, text
+
+
+def iter_prompt_records(
+    source: PromptSource, tokenizer: Any = None
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """`iter_prompts` with each prompt's whole JSONL record ({} for other prompts)."""
     if source.inline is not None:
-        yield from source.inline
+        for prompt_id, text in source.inline:
+            yield prompt_id, text, {}
         return
-    for prompt_id, text, _ in _records(source):
+    for prompt_id, text, record in _records(source):
         if source.chat_template:
             text = render_prompt(prompt_id, text, tokenizer, chat_template=True)
-        yield prompt_id, text
+        yield prompt_id, text, record
 
 
 def iter_prompt_meta(source: PromptSource) -> Iterator[tuple[str, dict[str, Any]]]:

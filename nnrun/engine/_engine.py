@@ -26,7 +26,7 @@ from nnrun.compile.plan import (
     SiteActions,
 )
 from nnrun.engine._apply import apply_steps, check_apply
-from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_ids
+from nnrun.engine._batch import Batch, iter_prompt_records, make_batch, takes_position_ids
 from nnrun.engine._edits import EditContext, OperandCache, apply_edit, check_operand_shape
 from nnrun.engine._metrics import compute_metric
 from nnrun.engine._ports import get_value, set_value
@@ -200,6 +200,7 @@ class Engine:
         self._rows = _plan_rows(plan)
         self._by_row, self._always = _actions_by_row(plan)
         self.current_rows: list[str] = []  # the rows of the batch under way (for error reports)
+        self._field_tokens: dict[str, int] = {}  # `{field: ...}` metric texts -> token ids
 
     def preflight(self) -> None:
         """Check what can be checked before any forward pass (see `preflight`)."""
@@ -214,8 +215,8 @@ class Engine:
         torch.manual_seed(self.plan.seed)
         if self._rows is None:
             source: Iterator[PromptRow] = (
-                PromptRow(key, key, text)
-                for key, text in iter_prompts(self.plan.prompts, self.tokenizer)
+                PromptRow(key, key, text, fields=record)
+                for key, text, record in iter_prompt_records(self.plan.prompts, self.tokenizer)
             )
         else:
             wanted = None if rows is None else set(rows)
@@ -236,6 +237,7 @@ class Engine:
             aux=[False] * len(chunk) + [True] * len(extra),
             prompt_ids=[r.prompt for r in rows],
         )
+        batch.fields = [r.fields or {} for r in rows]
         new_tokens = self._max_steps if self.plan.generate else 0
         check_batch_lengths(
             batch.ids, [len(t) for t in batch.token_ids], self._positions, new_tokens
@@ -420,8 +422,46 @@ class Engine:
             found = found.fit(logits.shape[1], state.edits.width, f"{what} at {label}")
             found = found.to(logits.device)
             reference = logits[found.rows[:1], found.columns[:1, 0]]  # (1, V)
-        values = compute_metric(metric.kind, picked, metric.token_ids, reference)  # (R,)
+        ids = self._metric_tokens(metric, index.rows.tolist(), state.batch, what)  # (R, k)
+        values = compute_metric(metric.kind, picked, ids, reference)  # (R,)
         state.metrics.setdefault(metric.key, []).append((values, index.rows))
+
+    def _metric_tokens(
+        self, metric: MetricAction, rows: list[int], batch: Batch, what: str
+    ) -> torch.Tensor:
+        """(R, k) token ids per selected row: the metric's own, or each prompt's field."""
+        per_row = []
+        for row in rows:
+            ids = list(metric.token_ids)
+            for j, name in enumerate(metric.fields):
+                if name is not None:
+                    record = (batch.fields or [{}] * batch.size)[row]
+                    ids[j] = self._field_token(record, name, batch.prompts[row], what)
+            per_row.append(ids)
+        return torch.tensor(per_row, dtype=torch.long).reshape(len(rows), -1)
+
+    def _field_token(self, record: dict[str, Any], name: str, prompt: str, what: str) -> int:
+        """The single token a prompt's record names in field `name` (cached per text)."""
+        if name not in record:
+            raise RunError(f"{what}: prompt '{prompt}' has no field '{name}' in its record")
+        value = record[name]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if not isinstance(value, str) or not value:
+            raise RunError(
+                f"{what}: prompt '{prompt}' field '{name}' must be a token text or id, "
+                f"not {value!r}"
+            )
+        if value not in self._field_tokens:
+            ids = self.tokenizer.encode(value, add_special_tokens=False)
+            if len(ids) != 1:
+                pieces = [self.tokenizer.decode([i]) for i in ids]
+                raise RunError(
+                    f"{what}: prompt '{prompt}' field '{name}' is {value!r}, which is "
+                    f"{len(ids)} tokens: {pieces!r}; a metric reads exactly one token"
+                )
+            self._field_tokens[value] = int(ids[0])
+        return self._field_tokens[value]
 
     def _save(
         self, state: _BatchState, save: SaveAction, container: Any, *, root: bool, label: str

@@ -10,14 +10,15 @@ from nnrun.errors import RunError
 def compute_metric(
     kind: str,
     logits: torch.Tensor,  # (R, V)
-    token_ids: tuple[int, ...],
+    token_ids: torch.Tensor,  # (R, k) the tokens each row reads (k = 2 for logit_diff)
     reference: torch.Tensor | None = None,  # (1, V): kl's reference row
 ) -> torch.Tensor:
     """(R,) values of one metric; float32 (int64 for rank), whatever the model's dtype.
 
     prob / logprob / logit / rank read one token; logit_diff is logit(target) -
     logit(foil); kl is KL(reference || row) in nats over the whole vocabulary. Rank 0
-    is the most likely token; ties count in the token's favour.
+    is the most likely token; ties count in the token's favour. Each row has its own
+    tokens (`{field: answer}` metrics read a different answer per prompt).
     """
     x = logits.float()
     if kind == "kl":
@@ -26,16 +27,17 @@ def compute_metric(
         ref = torch.log_softmax(reference.float(), dim=-1)  # (1, V)
         own = torch.log_softmax(x, dim=-1)  # (R, V)
         return (ref.exp() * (ref - own)).sum(dim=-1)
+    ids = token_ids.to(x.device)
     if kind == "logit_diff":
-        target, foil = token_ids
-        return x[:, target] - x[:, foil]
-    (token,) = token_ids
+        picked = x.gather(1, ids)  # (R, 2)
+        return picked[:, 0] - picked[:, 1]
+    token = ids[:, :1]  # (R, 1)
     if kind == "logit":
-        return x[:, token]
+        return x.gather(1, token)[:, 0]
     if kind == "prob":
-        return torch.softmax(x, dim=-1)[:, token]
+        return torch.softmax(x, dim=-1).gather(1, token)[:, 0]
     if kind == "logprob":
-        return torch.log_softmax(x, dim=-1)[:, token]
+        return torch.log_softmax(x, dim=-1).gather(1, token)[:, 0]
     if kind == "rank":
-        return (x > x[:, token : token + 1]).sum(dim=-1)
+        return (x > x.gather(1, token)).sum(dim=-1)
     raise RunError(f"unknown metric kind '{kind}'")
