@@ -173,7 +173,8 @@ def test_resume_after_an_interrupted_driver_skips_finished_shards(
             )
 
     report = ray_run(spec, out, shard_size=1, resume=True, progress=watch)
-    assert report.skipped == len(finished) and rewritten == []
+    # A worker may finish one more shard after the driver stopped: it is skipped too.
+    assert report.skipped >= len(finished) and rewritten == []
     assert report.shards == 6 and report.load_s  # the rest ran on fresh workers
     assert_same_output(nnrun.run(spec, output=tmp_path / "local.h5").path, out)
 

@@ -419,8 +419,13 @@ def test_completion_of_templates_specs_and_save_names(tmp_path: Path) -> None:
 
 def test_install_completion(tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path), "SHELL": "/bin/bash"}
+    # Typer finds the shell among the process's parents (typer 0.28 takes no shell name):
+    # run it from bash, as a user would, whatever runs the tests.
     done = subprocess.run(
-        [str(NNRUN), "--install-completion", "bash"], env=env, capture_output=True, text=True
+        ["bash", "-c", f"'{NNRUN}' --install-completion bash"],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     installed = list((tmp_path / ".bash_completions").glob("nnrun*"))

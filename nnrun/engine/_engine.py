@@ -147,7 +147,11 @@ def preflight(
     shapes the compile-time probe saw. Raises RunError.
     """
     operands = operands or OperandCache()
-    like = next(model.parameters(), torch.zeros(()))
+    # A sample on the device the model takes inputs on (its first weight may be offloaded
+    # to `meta` under a device map), in the model's dtype.
+    weight = next(model.parameters(), None)
+    dtype = weight.dtype if weight is not None else torch.float32
+    like = torch.zeros((), dtype=dtype, device=model_device(model))
     for layout in plan.saves:
         check_apply(
             layout.apply, layout.value_shape, modules_of(model), like, f"save '{layout.name}'"
