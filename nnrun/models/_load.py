@@ -54,6 +54,8 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if model_spec.get("attn_implementation"):  # absent: the model's own default
+        kwargs["attn_implementation"] = str(model_spec["attn_implementation"])
     tok_kwargs: dict[str, Any] = {"trust_remote_code": trust}
 
     if source == "id":

@@ -259,17 +259,20 @@ class OutputWriter:
         ds = saves[name]
         n = len(self.lead)
         width = data.shape[token_axis]
-        if width > ds.shape[n + token_axis]:
-            ds.resize(width, axis=n + token_axis)
+        # The token axis (ragged saves) and a pattern's key axis grow with the batches.
+        for axis in range(token_axis, data.ndim):
+            if data.shape[axis] > ds.shape[n + axis]:
+                ds.resize(data.shape[axis], axis=n + axis)
+        own = tuple(slice(0, size) for size in data.shape[token_axis + 1 :])
         lengths = self.file["axes"][layout.name].get("length") if name == layout.name else None
         counts = save.counts.numpy() if ragged else None
         for (start, stop), (point, slot) in _runs(targets):
             self._ensure_rows(ds, slot + stop - start)
             where = self._dest(point, slot)
             block = (slice(where[-1], where[-1] + stop - start),)
-            ds[where[:-1] + block + (slice(None),) * (token_axis - 1) + (slice(0, width),)] = data[
-                start:stop
-            ]
+            ds[
+                where[:-1] + block + (slice(None),) * (token_axis - 1) + (slice(0, width),) + own
+            ] = data[start:stop]
             if lengths is not None and counts is not None:
                 self._ensure_rows(lengths, slot + stop - start)
                 lengths[where[:-1] + block] = counts[start:stop]
@@ -322,6 +325,8 @@ class OutputWriter:
         maxshape = [*self.lead, None if self.prompt_ids is None else prompts, *data.shape[1:]]
         if ragged:
             maxshape[n + token_axis] = None
+        if layout.kind == "pattern":  # the key axis: as long as each batch's longest prompt
+            maxshape[n + token_axis + 1 :] = [None] * len(own)
         fill = np.nan if data.dtype.kind == "f" else -1
         ds = self.file["saves"].create_dataset(
             name,
@@ -367,6 +372,8 @@ class OutputWriter:
             group.create_dataset("layer", data=np.array(layout.sites, dtype=object), dtype=STR)
         if layout.tokens.kind == "list":
             group.create_dataset("token", data=np.array(layout.tokens.positions, dtype=np.int64))
+        if layout.heads is not None:
+            group.create_dataset("head", data=np.array(layout.heads.selected, dtype=np.int64))
 
     def _create_metric(self, layout: MetricLayout) -> None:
         prompts = self._prompt_count(layout.prompts)
@@ -400,7 +407,16 @@ class OutputWriter:
 
     def _own_axes(self, own: tuple[int, ...], layout: SaveLayout) -> list[str]:
         names = [f"dim{i}" for i in range(len(own))]
-        if own and layout.apply and layout.apply[-1].name == "topk":
+        topk = bool(layout.apply) and layout.apply[-1].name == "topk"
+        if layout.kind == "pattern" and not layout.apply:
+            return ["key"][: len(own)]
+        if layout.heads is not None and layout.kind != "pattern":
+            # (head, head_dim); attribution has summed head_dim away, apply may reduce it
+            split = ["head", "head_dim"] if layout.kind != "attribution" else ["head"]
+            names[: len(split)] = split[: len(own)]
+            if not topk:
+                return names
+        if own and topk:
             names[-1] = "k"
         elif own:
             for label, size in self.sizes.items():
