@@ -285,6 +285,16 @@ def plan(
             f"{compiled.batch_size}{sources}; {compiled.passes} forward pass per batch; "
             f"about {sum(report.save_bytes.values()):,} bytes to {compiled.output}"
         )
+    if compiled.backward is not None and report.backward_bytes is not None:
+        loss = compiled.backward
+        what = f"metric {loss.metric}" if loss.metric is not None else f"the loss at {loss.at}"
+        console.print(
+            f"backward: one backward pass per batch from {what} ({loss.reduce} over its "
+            f"prompts); it keeps about {report.backward_bytes / 2**20:,.1f} MiB of activations "
+            f"for a batch of {report.backward_rows} x {report.longest} tokens (measured on probe "
+            "passes), freed after each batch",
+            highlight=False,
+        )
     for warning in compiled.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
