@@ -148,7 +148,7 @@ def backward_bytes(
     for length in lengths:
         seen: dict[int, int] = {}
 
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
+        def pack(tensor: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in params:
                 seen[storage.data_ptr()] = storage.nbytes()
