@@ -101,6 +101,14 @@ class _BatchState:
         self.active: set[int] = set()
         self.backward: BackwardPass | None = None  # with backward: this batch's pass
 
+    def collect(self, variant: str, where: tuple[int, int], picked: Any, index: TokenIndex) -> None:
+        """Keep a save's values (R, K, ...) for (layer, step); several actions feeding one
+        variant there (attributions of different sweep points) are joined row-wise."""
+        entries = self.collected.setdefault(variant, {})
+        if where in entries:
+            picked, index = _join_rows(entries[where], (picked, index))
+        entries[where] = (picked, index)
+
     @property
     def step(self) -> int:
         """0 for the prompt pass, k for the pass over the k-th new token (-1 before)."""
@@ -560,7 +568,7 @@ class Engine:
             picked = (diff * picked.float()).sum(dim=-1).to(grad.dtype)
         else:
             picked = apply_steps(save.apply, picked, self.modules)
-        state.collected.setdefault(save.variant, {})[(save.layer, 0)] = (picked, index)
+        state.collect(save.variant, (save.layer, 0), picked, index)
 
     def _loss(
         self, state: _BatchState, save: SaveAction, container: Any, *, root: bool, label: str
@@ -643,7 +651,7 @@ class Engine:
         with torch.no_grad():
             picked = apply_steps(save.apply, picked, self.modules)
         step = state.step if wanted else -1
-        state.collected.setdefault(save.variant, {})[(save.layer, step)] = (picked, index)
+        state.collect(save.variant, (save.layer, step), picked, index)
 
     # -- results -------------------------------------------------------------
 
@@ -775,6 +783,34 @@ def _stack_steps(
         counts=count,
         extra={k: v for k, v in stacked.items() if k != "values"},
     )
+
+
+def _join_rows(
+    first: tuple[Any, TokenIndex], second: tuple[Any, TokenIndex]
+) -> tuple[Any, TokenIndex]:
+    """Two (values (R, K, ...), index) of one save variant as one, token axes padded."""
+    (a, ia), (b, ib) = first, second
+    width = max(ia.columns.shape[1], ib.columns.shape[1])
+
+    def pad(x: torch.Tensor, fill: Any) -> torch.Tensor:
+        extra = width - x.shape[1]
+        if extra == 0:
+            return x
+        filler = torch.full((x.shape[0], extra, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+        return torch.cat([x, filler], dim=1)
+
+    def join(x: Any, y: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: join(x[k], y[k]) for k in x}
+        return torch.cat([pad(x, 0), pad(y, 0)])
+
+    index = TokenIndex(
+        rows=torch.cat([ia.rows, ib.rows]),
+        columns=torch.cat([pad(ia.columns, 0), pad(ib.columns, 0)]),
+        valid=torch.cat([pad(ia.valid, False), pad(ib.valid, False)]),
+        ragged=ia.ragged or ib.ragged or ia.columns.shape[1] != ib.columns.shape[1],
+    )
+    return join(a, b), index
 
 
 def _heads_first(save: SaveBatch, layout: Any) -> SaveBatch:

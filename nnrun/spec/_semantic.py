@@ -426,6 +426,14 @@ class _Checker:
                 "backward runs on one forward pass over the prompts, not on generation: "
                 "remove generate: (or backward:)",
             )
+        given = [k for k in ("metric", "loss") if k in backward]
+        if len(given) != 1:
+            found = f"; found {one_of_words(given, 'and')}" if given else ""
+            self.add(
+                "backward",
+                "give exactly one loss: metric (a metric's name) or loss (a value at a site "
+                f"reduced to one number per prompt){found}",
+            )
         metric = backward.get("metric")
         metrics = self.data.get("metrics")
         if isinstance(metric, str):
