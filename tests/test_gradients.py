@@ -168,9 +168,19 @@ def test_grads_match_autograd(
         assert float(saved["resid"][prompt].abs().max()) > 0
 
 
-def test_loss_at_a_site_and_input_grad(tiny_llama: Path, tmp_path: Path) -> None:
-    """backward: {loss: {at, tokens, apply}}: the norm of the last token's logits, one
-    number per prompt; gradients at an input port and a layer output match autograd."""
+@pytest.mark.parametrize(
+    ("loss", "reference"),
+    [
+        ({"at": "lm_head.output", "tokens": -1, "apply": ["norm"]}, lambda x: x[-1].norm()),
+        ({"at": "output", "apply": ["sum"]}, lambda x: x.sum()),  # nnsight README: logits.sum()
+    ],
+)
+def test_loss_at_a_site_and_input_grad(
+    loss: dict[str, Any], reference: LossFn, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """backward: {loss: {at, tokens, apply}}: apply makes one number per token, summed over
+    the selected tokens (padding left out); gradients at an input port and a layer output
+    match autograd on each prompt alone."""
     at = "model.layers.1.mlp.down_proj.input"
     results = run_spec(
         tmp_path,
@@ -178,7 +188,7 @@ def test_loss_at_a_site_and_input_grad(tiny_llama: Path, tmp_path: Path) -> None
             "model": {"path": str(tiny_llama)},
             "prompts": PROMPTS,
             "batch_size": 3,
-            "backward": {"loss": {"at": "lm_head.output", "apply": ["norm"]}},
+            "backward": {"loss": loss},
             "save": {
                 "down": {"at": f"{at}.grad", "tokens": [0, -1]},
                 "l2": {"at": "model.layers.2.grad", "tokens": "1:3"},
@@ -187,12 +197,7 @@ def test_loss_at_a_site_and_input_grad(tiny_llama: Path, tmp_path: Path) -> None
     )
     down, l2 = by_prompt(results, "down"), by_prompt(results, "l2")
     for prompt, text in PROMPTS.items():
-        want = autograd_reference(
-            tiny_llama,
-            text,
-            [at, "model.layers.2.output"],
-            lambda logits: logits[-1].norm(),
-        )
+        want = autograd_reference(tiny_llama, text, [at, "model.layers.2.output"], reference)
         assert_close(down[prompt], want[at][[0, -1]], f"down {prompt}")
         assert_close(l2[prompt], want["model.layers.2.output"][1:3], f"layer 2 {prompt}")
 
@@ -563,12 +568,12 @@ def test_loss_that_is_not_a_scalar_names_its_shape(tiny_llama: Path, tmp_path: P
         "prompts": {"a": "Hi"},
         "save": {"g": {"at": "model.layers.0.grad"}},
     }
-    for loss, shape in (
-        ({"at": "lm_head.output"}, "(1, 512)"),
-        ({"at": "lm_head.output", "tokens": "all", "apply": ["sum"]}, "('tokens', 512)"),
-        ({"at": "model.layers.1.output", "tokens": [0, 1], "apply": ["norm"]}, "(2,)"),
+    for loss, message in (
+        ({"at": "lm_head.output"}, "gives shape (512,) per token"),
+        ({"at": "model.layers.1.output", "apply": ["softmax"]}, "gives shape (32,) per token"),
+        ({"at": "output", "tokens": -1, "apply": [{"topk": 2}]}, "topk gives several numbers"),
     ):
-        with pytest.raises(RunError, match=re.escape(f"gives shape {shape} per prompt")):
+        with pytest.raises(RunError, match=re.escape(message)):
             run_spec(tmp_path, {**spec, "backward": {"loss": loss}})
 
 

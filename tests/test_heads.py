@@ -238,6 +238,35 @@ def test_head_saves_on_gpt2_and_standard_names(tiny_gpt2: Path, tmp_path: Path) 
         assert_close(norms[prompt][1], split.norm(dim=-1), f"norms {prompt}")
 
 
+def test_one_head_spec_on_two_architectures(
+    tiny_llama: Path, tiny_gpt2: Path, tmp_path: Path
+) -> None:
+    """`@layers.N.attn.o.input` is the output projection's input on every architecture
+    (o_proj on Llama, c_proj on GPT-2): one head-ablation spec runs unchanged on both and
+    equals the same spec written with real paths. GPT-2 has no separate q/k/v projection."""
+    for path, real in ((tiny_llama, OUT_PROJ["llama"]), (tiny_gpt2, OUT_PROJ["gpt2"])):
+        saved = []
+        for at in ("@layers.1.attn.o.input", real):
+            results = run_spec(
+                tmp_path,
+                {
+                    "model": {"path": str(path)},
+                    "prompts": PROMPTS,
+                    "edits": [{"at": at, "heads": [0, 2], "zero": True}],
+                    "save": {"logits": {"at": "output", "tokens": -1}},
+                },
+            )
+            saved.append(results["logits"])
+        assert torch.equal(saved[0], saved[1])
+    spec = {
+        "model": {"path": str(tiny_gpt2)},
+        "prompts": {"a": "Hi"},
+        "save": {"q": {"at": "@layers.0.attn.q.output", "heads": [0]}},
+    }
+    with pytest.raises(CompileError, match=r"@layers.N.attn.q: queries, keys and values are fused"):
+        run_spec(tmp_path, spec)
+
+
 @pytest.mark.parametrize(
     ("arch", "at", "heads", "fragment"),
     [

@@ -359,7 +359,7 @@ def _backward(
         loss_site = sites[0]
         ranked(loss_site, "backward.loss.at")
         prompts = _prompt_ids(loss.get("prompts", "all"))
-        tokens = parse_token_selection(loss.get("tokens", -1))
+        tokens = parse_token_selection(loss.get("tokens", "all"))
         apply = _apply_steps(model, loss.get("apply", []), "backward.loss.apply")
         own = value_shape(
             probed[(loss_site.module, loss_site.port)].shape,

@@ -7,7 +7,8 @@ the residual stream of most models is as wide as heads x head_dim, and splitting
 (a module whose class name says Attention) and is
 
 - the input of its output projection (`o_proj`, `c_proj`, `out_proj`, BERT's
-  `output.dense`): every query head's output, concatenated;
+  `output.dense`; the standard name `@layers.N.attn.o.input`): every query head's
+  output, concatenated;
 - the output of a separate query / key / value projection (`q_proj`, `k_proj`,
   `v_proj`, BERT's `query` / `key` / `value`): keys and values count key/value heads,
   fewer than query heads under grouped-query attention;
@@ -24,14 +25,15 @@ from typing import Any
 
 from torch import nn
 
+from nnrun.compile._names import FUSED_NAMES, PART_NAMES
 from nnrun.compile._resolve import ResolvedLocation
 from nnrun.compile.plan import Heads
 from nnrun.errors import CompileError
 
-_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "o", "wo", "out")
-_QUERY_NAMES = ("q_proj", "query", "q", "wq")
-_KV_NAMES = ("k_proj", "v_proj", "key", "value", "k", "v", "wk", "wv")
-_FUSED_NAMES = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "qkv", "in_proj")
+# The names standard names use for an attention module's projections (@layers.N.attn.o).
+_OUT_NAMES = PART_NAMES["o"]
+_QUERY_NAMES = PART_NAMES["q"]
+_KV_NAMES = PART_NAMES["k"] + PART_NAMES["v"]
 
 
 def head_counts(model: nn.Module) -> tuple[int, int, int] | None:
@@ -125,7 +127,7 @@ def _heads_at(
         f"the input of an attention output projection (e.g. {attention}.o_proj.input), the "
         "output of a separate q/k/v projection, or attention weights (attn.output[1])"
     )
-    if attention is not None and last in _FUSED_NAMES:
+    if attention is not None and last in FUSED_NAMES:
         raise CompileError(
             f"{path}: {label} fuses queries, keys and values into one output {shown}, so it "
             f"has no single head axis; heads work at {where}"

@@ -301,7 +301,7 @@ class Backward:
     # The loss site's label for messages ("" for a metric).
     at: str = ""
     # A site loss's own axes at the site (after batch and tokens), from the probe pass:
-    # lets a loss that is not one number per prompt fail before any prompt runs.
+    # lets a loss that is not one number per token fail before any prompt runs.
     value_shape: tuple[int, ...] | None = None
 
 

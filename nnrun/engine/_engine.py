@@ -179,27 +179,24 @@ def preflight(
 
 
 def check_loss(plan: Plan, save: SaveAction, site: str, modules: dict[str, nn.Module]) -> None:
-    """A site loss must be one number per prompt: one token, reduced by its apply chain."""
+    """A site loss's apply chain must leave one number per token (they are then summed)."""
     own = plan.backward.value_shape if plan.backward is not None else None
     if own is None:
         raise RunError(f"backward.loss.at: {site} does not carry a (batch, tokens, ...) tensor")
-    shape: tuple[Any, ...] = ("tokens", *own)
-    if save.tokens.kind == "list":
-        weight = next(iter(m.parameters() for m in modules.values()), iter(()))
-        dtype = next(weight, torch.zeros(())).dtype
-        sample = torch.zeros((1, len(save.tokens.positions), *own), dtype=dtype)
-        with torch.no_grad():
-            out = apply_steps(save.apply, sample, modules)
-        if isinstance(out, dict):
-            raise RunError("backward.loss.apply: topk gives several numbers, not one loss")
-        if out.numel() == 1:
-            return
-        shape = tuple(out.shape[1:])
+    weight = next((p for m in modules.values() for p in m.parameters()), None)
+    dtype = weight.dtype if weight is not None else torch.float32
+    sample = torch.zeros((1, 1, *own), dtype=dtype)
+    with torch.no_grad():
+        out = apply_steps(save.apply, sample, modules)
+    if isinstance(out, dict):
+        raise RunError("backward.loss.apply: topk gives several numbers, not one loss")
+    if out.numel() == 1:
+        return
     steps = ", ".join(s.name for s in save.apply) or "none"
     raise RunError(
-        f"backward.loss: the loss must be one number per prompt, but {site} with tokens "
-        f"{save.tokens} and apply [{steps}] gives shape {shape} per prompt; select one token "
-        "(tokens: -1) and reduce the last axis (apply: [..., sum])"
+        f"backward.loss: the loss must be one number per token (summed over tokens and "
+        f"prompts), but {site} with apply [{steps}] gives shape {tuple(out.shape[2:])} per "
+        "token; reduce the value's axes (apply: [..., sum] or [..., norm])"
     )
 
 
@@ -573,7 +570,7 @@ class Engine:
     def _loss(
         self, state: _BatchState, save: SaveAction, container: Any, *, root: bool, label: str
     ) -> None:
-        """Add each selected row's loss (one number per row, see check_loss)."""
+        """Add each selected row's loss: its tokens' numbers summed (see check_loss)."""
         index = state.index_for(save.prompts, save.tokens, "backward.loss")
         if index is None:
             return
@@ -582,7 +579,8 @@ class Engine:
         index = index.fit(value.shape[1], state.edits.width, f"backward.loss at {label}")
         picked = apply_steps(save.apply, value[index.rows[:, None], index.columns], self.modules)
         assert isinstance(picked, torch.Tensor)
-        per_row = picked.reshape(picked.shape[0], -1).sum(dim=-1).float()  # (R,)
+        per_token = picked.reshape(*index.valid.shape).float()  # (R, K): one number each
+        per_row = torch.where(index.valid, per_token, torch.zeros_like(per_token)).sum(dim=-1)
         assert state.backward is not None
         state.backward.add_loss(per_row * self._loss_scale)
 

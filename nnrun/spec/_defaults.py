@@ -96,7 +96,7 @@ def fill_defaults(data: dict[str, Any], stem: str | None) -> None:
         loss = backward.get("loss")
         if isinstance(loss, dict):
             loss.setdefault("prompts", "all")
-            loss.setdefault("tokens", -1)  # one token: one number per prompt
+            loss.setdefault("tokens", "all")  # summed over the selected tokens
             loss.setdefault("apply", [])
 
     edits = data.get("edits")
