@@ -73,6 +73,11 @@ def run(
         model.info.as_attrs(),
         str(model_device(model.model)),
     )
+    # The attention kernel the run used: a pattern save may switch it to eager.
+    loaded_kernel = getattr(getattr(model.model, "config", None), "_attn_implementation", None)
+    kernel = (first_plan.attn_implementation if first_plan is not None else None) or loaded_kernel
+    if kernel:
+        attrs["attn_implementation"] = str(kernel)
     streamed = is_prompt_file(first["prompts"])
     meta = None
     if streamed and first_plan is not None:

@@ -694,3 +694,49 @@ def test_smollm2_grads_match_nnsight_and_autograd(smollm2_dir: Path, tmp_path: P
             assert ours.shape == want.shape
             rel = float((ours - want).abs().max() / want.abs().max())
             assert rel < 1e-4, f"{name} {prompt}: relative max diff {rel:.3g}"
+
+
+@pytest.mark.real
+def test_smollm2_attribution_matches_nnsight(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The attribution save equals nnsight's two-invoke trace with a backward pass and
+    (clean - corrupt) * grad summed over hidden, as docs/recipes.md writes it."""
+    from test_conformance_nnsight import ns_model
+
+    prompts = {"clean": "The capital of France is", "corrupt": "The capital of Germany is"}
+    results = run_spec(
+        tmp_path,
+        {
+            "model": {"path": str(smollm2_dir)},
+            "prompts": prompts,
+            "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"], "prompts": ["corrupt"]}},
+            "backward": {"metric": "ld"},
+            "save": {
+                "attribution": {
+                    "at": "model.layers.*.output",
+                    "prompts": ["corrupt"],
+                    "attribution": {"from": "clean"},
+                }
+            },
+        },
+    )
+    model = ns_model(str(smollm2_dir))
+    paris, berlin = token(smollm2_dir, " Paris"), token(smollm2_dir, " Berlin")
+    saved: dict[str, Any] = {}
+    with model.trace() as tracer:
+        with tracer.invoke(prompts["clean"]):
+            saved["clean"] = [layer.output.save() for layer in model.model.layers]
+        with tracer.invoke(prompts["corrupt"]):
+            corrupt = [layer.output for layer in model.model.layers]
+            logits = model.output.logits[0, -1]
+            with (logits[paris] - logits[berlin]).backward():
+                saved["grads"] = [out.grad.save() for out in reversed(corrupt)][::-1]
+            saved["corrupt"] = [x.save() for x in corrupt]
+    want = torch.stack(
+        [
+            ((c - x) * g)[0].sum(-1)
+            for c, x, g in zip(saved["clean"], saved["corrupt"], saved["grads"], strict=True)
+        ]
+    ).detach()
+    got = results["attribution"][0]
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel < 1e-4, f"relative max diff {rel:.3g}"

@@ -563,6 +563,12 @@ def _check_recipe(name: str, r: nnrun.Results) -> None:
         with h5py.File(r.path) as f:
             ids = f["generation/ids"][()]
         assert ids.shape[0] == 2 and (ids[0] == ids[1]).all()
+    elif name == "gradients":
+        assert r.axes("grad") == ["prompt", "token", "hidden"] and bool(r["grad"].abs().max() > 0)
+    elif name == "attribution":
+        assert r.axes("attribution") == ["prompt", "layer", "token"]
+    elif name == "heads":
+        assert r.axes("pattern") == ["prompt", "head", "token", "key"]
 
 
 def test_recipes_page_has_the_readme_examples() -> None:
@@ -573,6 +579,9 @@ def test_recipes_page_has_the_readme_examples() -> None:
         "adhoc-module",
         "invokes",
         "cross-prompt",
+        "gradients",
+        "attribution",
+        "heads",
     }
 
 
