@@ -270,10 +270,12 @@ def plan(
         for group in report.groups:
             for label, error in group.failed.items():
                 console.print(f"[yellow]point {escape(label)} fails:[/yellow] {escape(error)}")
-        console.print(
-            "[dim]rows that do not depend on a sweep variable are shared by every point; "
-            "a batch also carries the source rows its edits read[/dim]"
+        shared = (
+            "with backward: each point has rows of its own, so that its gradients are its own"
+            if compiled.backward is not None
+            else "rows that do not depend on a sweep variable are shared by every point"
         )
+        console.print(f"[dim]{shared}; a batch also carries the source rows its edits read[/dim]")
     else:
         sources = (
             f", plus source rows {', '.join(compiled.source_prompts)} in every batch"

@@ -115,6 +115,25 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     )
 
 
+def attribution_spec(path: Path, **saves: Any) -> dict[str, Any]:
+    """clean/corrupt with a logit_diff loss on corrupt and an attribution save `atp` of
+    every layer's output from clean (plus `saves`)."""
+    return {
+        "model": {"path": str(path)},
+        "prompts": {"clean": PROMPTS["clean"], "corrupt": PROMPTS["corrupt"]},
+        "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"], "prompts": ["corrupt"]}},
+        "backward": {"metric": "ld"},
+        "save": {
+            "atp": {
+                "at": "model.layers.*.output",
+                "prompts": ["corrupt"],
+                "attribution": {"from": "clean"},
+            },
+            **saves,
+        },
+    }
+
+
 def grad_sites(arch: str) -> dict[str, str]:
     """save name -> (nnrun location, reference location) for one architecture."""
     s = SITES[arch]
@@ -277,34 +296,17 @@ def test_attribution_is_source_minus_value_times_gradient(tiny_llama: Path, tmp_
     per layer and token; with heads, per head at the output projection's input."""
     o = "model.layers.1.self_attn.o_proj.input"
     prompts = {"clean": PROMPTS["clean"], "corrupt": PROMPTS["corrupt"]}
-    results = run_spec(
-        tmp_path,
-        {
-            "model": {"path": str(tiny_llama)},
-            "prompts": prompts,
-            "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"], "prompts": ["corrupt"]}},
-            "backward": {"metric": "ld"},
-            "save": {
-                "atp": {
-                    "at": "model.layers.*.output",
-                    "prompts": ["corrupt"],
-                    "attribution": {"from": "clean"},
-                },
-                "heads": {
-                    "at": o,
-                    "prompts": ["corrupt"],
-                    "heads": "all",
-                    "attribution": {"from": "clean"},
-                },
-                "last": {
-                    "at": "model.layers.0.output",
-                    "prompts": ["corrupt"],
-                    "tokens": -1,
-                    "attribution": {"from": "clean", "tokens": 1},
-                },
-            },
+    spec = attribution_spec(
+        tiny_llama,
+        heads={"at": o, "prompts": ["corrupt"], "heads": "all", "attribution": {"from": "clean"}},
+        last={
+            "at": "model.layers.0.output",
+            "prompts": ["corrupt"],
+            "tokens": -1,
+            "attribution": {"from": "clean", "tokens": 1},
         },
     )
+    results = run_spec(tmp_path, spec)
     assert results.axes("atp") == ["prompt", "layer", "token"]
     assert results.axes("heads") == ["prompt", "token", "head"]
     sites = [f"model.layers.{i}.output" for i in range(3)] + [o]
@@ -603,15 +605,34 @@ def test_gradients_the_loss_cannot_have(tiny_llama: Path, tmp_path: Path) -> Non
         run_spec(tmp_path, spec)
 
 
+def test_backward_refuses_offloaded_weights(tiny_llama: Path) -> None:
+    """A device map that offloads modules to cpu (beside a GPU) or disk: refused at compile
+    time (checked on the model's placement as accelerate records it)."""
+    from nnrun._run import cached_model
+    from nnrun.compile import compile_point
+
+    spec = nnrun.spec.check_spec({"nnrun": 1, **attribution_spec(tiny_llama)})
+    loaded = cached_model(spec.data["model"])
+    model = loaded.model
+    try:
+        for placed, refused in (
+            ({"model": 0, "lm_head": "cpu"}, True),
+            ({"model": "cpu", "lm_head": "disk"}, True),
+            ({"": "cpu"}, False),
+            ({"model": 0, "lm_head": 1}, False),
+        ):
+            model.hf_device_map = placed
+            if refused:
+                with pytest.raises(CompileError, match="offloads .* to cpu or disk"):
+                    compile_point(spec.data, model, loaded.tokenizer)
+            else:
+                compile_point(spec.data, model, loaded.tokenizer)
+    finally:
+        del model.hf_device_map
+
+
 def test_rows_that_read_each_other_must_fit_a_batch(tiny_llama: Path, tmp_path: Path) -> None:
-    spec = {
-        "model": {"path": str(tiny_llama)},
-        "batch_size": 1,
-        "prompts": {"clean": PROMPTS["clean"], "corrupt": PROMPTS["corrupt"]},
-        "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"], "prompts": ["corrupt"]}},
-        "backward": {"metric": "ld"},
-        "save": {"a": {"at": "model.layers.0.output", "attribution": {"from": "clean"}}},
-    }
+    spec = {**attribution_spec(tiny_llama), "batch_size": 1}
     with pytest.raises(CompileError, match="raise batch_size to 2"):
         run_spec(tmp_path, spec)
 
@@ -702,23 +723,8 @@ def test_smollm2_attribution_matches_nnsight(smollm2_dir: Path, tmp_path: Path) 
     (clean - corrupt) * grad summed over hidden, as docs/recipes.md writes it."""
     from test_conformance_nnsight import ns_model
 
-    prompts = {"clean": "The capital of France is", "corrupt": "The capital of Germany is"}
-    results = run_spec(
-        tmp_path,
-        {
-            "model": {"path": str(smollm2_dir)},
-            "prompts": prompts,
-            "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"], "prompts": ["corrupt"]}},
-            "backward": {"metric": "ld"},
-            "save": {
-                "attribution": {
-                    "at": "model.layers.*.output",
-                    "prompts": ["corrupt"],
-                    "attribution": {"from": "clean"},
-                }
-            },
-        },
-    )
+    prompts = {"clean": PROMPTS["clean"], "corrupt": PROMPTS["corrupt"]}
+    results = run_spec(tmp_path, attribution_spec(smollm2_dir))
     model = ns_model(str(smollm2_dir))
     paris, berlin = token(smollm2_dir, " Paris"), token(smollm2_dir, " Berlin")
     saved: dict[str, Any] = {}
@@ -737,6 +743,6 @@ def test_smollm2_attribution_matches_nnsight(smollm2_dir: Path, tmp_path: Path) 
             for c, x, g in zip(saved["clean"], saved["corrupt"], saved["grads"], strict=True)
         ]
     ).detach()
-    got = results["attribution"][0]
+    got = results["atp"][0]
     rel = float((got - want).abs().max() / want.abs().max())
     assert rel < 1e-4, f"relative max diff {rel:.3g}"

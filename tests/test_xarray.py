@@ -28,6 +28,7 @@ TINY = {
     "steering-source": ["layer=1"],
     "steering": ["layer=1"],
     "steering-generation": ["layer=1"],
+    "attention-pattern": ["save.last.at='@layers[1:3].attn.output[1]'"],
 }
 
 

@@ -340,6 +340,7 @@ def _backward(
     loss is read gets none, so it is refused here rather than saved as nothing.
     """
     spec = data["backward"]
+    _check_offload(model)
     reduce = str(spec.get("reduce", "sum"))
     metric = spec.get("metric")
     if metric is not None:
@@ -394,6 +395,32 @@ def _backward(
         value_shape=None if metric is not None else own,
     )
     return plan, None if action is None else (loss_site, action)
+
+
+def _check_offload(model: nn.Module) -> None:
+    """Refuse backward on a model whose device map offloads weights (to cpu or disk).
+
+    Offloaded weights are brought in for each module's forward and dropped after it;
+    a backward pass would hold every one of them until it ends, which defeats the
+    offload, and it is not checked on such a setup. Every module on an accelerator (or
+    the whole model on the CPU) is fine.
+    """
+    placed = getattr(model, "hf_device_map", None)
+    if not isinstance(placed, dict):
+        return
+    devices = {str(d) for d in placed.values()}
+    offloaded = sorted(
+        name
+        for name, device in placed.items()
+        if str(device) == "disk" or (str(device) == "cpu" and devices - {"cpu", "disk"})
+    )
+    if offloaded:
+        raise CompileError(
+            f"backward: model.device_map offloads {', '.join(offloaded[:3])}"
+            f"{' ...' if len(offloaded) > 3 else ''} to cpu or disk, which backward does not "
+            "support (the backward pass would keep every offloaded weight in memory); place "
+            "every module on a device, or remove backward:"
+        )
 
 
 def _check_skip(site: ResolvedLocation, shape: Any, module_input: Any, path: str) -> None:
