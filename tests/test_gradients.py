@@ -388,6 +388,26 @@ def test_rows_the_loss_does_not_read_get_zero_gradients(tiny_gpt2: Path, tmp_pat
         assert float(got["long"].abs().max()) > 0
 
 
+def test_batches_without_a_gradient_save_skip_the_backward_pass(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The loss covers every prompt, the gradient is saved for one: the other batches
+    have nothing to read and run no backward pass (and are no error)."""
+    spec = {
+        "model": {"path": str(tiny_llama)},
+        "batch_size": 1,
+        "prompts": PROMPTS,
+        "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"]}},
+        "backward": {"metric": "ld"},
+        "save": {"g": {"at": "model.layers.1.grad", "prompts": ["short"], "tokens": -1}},
+    }
+    got = run_spec(tmp_path, spec)["g"][0, 0]
+    want = autograd_reference(
+        tiny_llama, PROMPTS["short"], ["model.layers.1.output"], logit_diff(tiny_llama)
+    )
+    assert_close(got, want["model.layers.1.output"][-1], "short")
+
+
 def test_model_is_left_as_it_was(tiny_llama: Path, tmp_path: Path) -> None:
     """No parameter gets a gradient or requires one, no hook stays, grad mode unchanged."""
     from helpers import assert_no_hooks

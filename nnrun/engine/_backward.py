@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ class BackwardPass:
         self.reads: list[GradRead] = []
         self.arrived: set[int] = set()  # indices into reads whose gradient came
         self.terms: list[torch.Tensor] = []  # per-row losses, already weighted
+        self._handles: list[Any] = []
 
     def track(self, value: torch.Tensor) -> torch.Tensor:
         """The value, or a leaf with the same numbers when nothing tracked flows into it."""
@@ -62,18 +64,38 @@ class BackwardPass:
             with torch.no_grad():
                 read.on_grad(grad)
 
-        value.register_hook(hook)
+        self._handles.append(value.register_hook(hook))
 
     def add_loss(self, values: torch.Tensor) -> None:
         """Add per-row losses (R,) (already scaled for `reduce: mean`)."""
         self.terms.append(values.sum())
 
     def run(self, loss_name: str) -> None:
+        """Run the backward pass (see `_run`), then drop every hook, leaf and loss term.
+
+        Hooks live on the batch's tensors and point back at this pass; removing them
+        frees the batch's graph as soon as the batch ends rather than at the next
+        garbage collection, which keeps memory flat over many batches.
+        """
+        try:
+            self._run(loss_name)
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self.reads.clear()
+            self.leaves.clear()
+            self.terms.clear()
+
+    def _run(self, loss_name: str) -> None:
         """Run the backward pass; every read gets its gradient or the run stops, saying why.
 
         A batch without any row of the loss has a loss of 0 that depends on nothing:
-        every gradient it saves is exactly zero, and is written as such.
+        every gradient it saves is exactly zero, and is written as such. A batch whose
+        rows no gradient save selects needs no backward pass at all.
         """
+        if not self.reads:
+            return
         if not self.terms:
             for read in self.reads:
                 with torch.no_grad():

@@ -319,6 +319,7 @@ class Engine:
             metrics = self._gather_metrics(batch, generated)
         finally:
             self._state = None
+            state.edits.captured.clear()  # the batch's activations go with the batch
         n = len(chunk)  # the auxiliary source rows come last and are not results
         return BatchResult(
             prompt_ids=[r.prompt for r in chunk],
