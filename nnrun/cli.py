@@ -541,7 +541,7 @@ def init(
 
 @app.command()
 def plot(
-    output: Annotated[Path, typer.Argument(help="An nnrun output file (.h5) of a sweep.")],
+    output: Annotated[Path, typer.Argument(help="An nnrun output file (.h5).")],
     name: Annotated[str, typer.Argument(help="A metric or save in that file.")],
     figure: Annotated[
         Path | None,
@@ -554,7 +554,11 @@ def plot(
         str, typer.Option(help="How a save becomes one number: norm, mean, sum, max, min.")
     ] = "norm",
 ) -> None:
-    """Plot a sweep: a line for one sweep variable, a labelled heatmap for two."""
+    """Plot a sweep: a line for one sweep variable, a labelled heatmap for two.
+
+    Without a sweep, a save is drawn over its layer / head / token axes (an
+    attribution-patching grid: layers by tokens).
+    """
     from nnrun import plot as draw
 
     written = draw(output, name, figure, prompt=prompt, reduce=reduce)

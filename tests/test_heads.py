@@ -346,6 +346,8 @@ def test_patterns_match_the_eager_model(
         assert torch.isnan(got[:, :, :, n:]).all() and torch.isnan(got[:, :, n:]).all()
         torch.testing.assert_close(got[:, :, :n, :n].sum(-1), torch.ones(3, 4, n))
         assert_close(last[prompt][:, :, 0, :n], want[:, [2, 1], -1], f"{arch} last {prompt}")
+    with pytest.raises(NnrunError, match="layer, head, token axes; a plot shows two"):
+        nnrun.plot(results.path, "pattern")
     cached = nnrun._run.cached_model({"path": str(path), **_model_defaults()}).model
     assert cached.config._attn_implementation == "sdpa"  # switched back after the run
 

@@ -352,6 +352,14 @@ def test_attribution_patching(
             h.remove()
     close(grad.float(), torch.stack([g[0] for g in grads]))
     close(r.metric("logit_diff")[0], loss.detach())
+    # No sweep, yet `nnrun plot` draws the grid: layers by the corrupt prompt's tokens.
+    grid = nnrun.sweep_grid(r, "attribution")
+    assert (grid.y.name, grid.x.name) == ("layer", "token") and grid.values.shape == (3, length)
+    assert grid.y.ticks == ["0", "1", "2"] and grid.x.ticks[4] == "4 ' Germany'"
+    assert nnrun.plot(r.path, "attribution", tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    norms = nnrun.sweep_grid(r, "resid", prompt="clean")  # hidden reduced to its norm
+    assert norms.title == "norm of resid"
+    close(norms.values, resid["clean"].double().norm(dim=-1).numpy())
 
 
 def test_attention_pattern(tiny_llama: Path, tmp_path: Path) -> None:
