@@ -33,7 +33,7 @@ from test_conformance import (
 from transformers import AutoModelForCausalLM
 
 import nnrun
-from nnrun.errors import CompileError
+from nnrun.errors import CompileError, NnrunError
 
 HEAD_DIM = 8  # tiny models: width 32, 4 heads
 # The input of each architecture's attention output projection in layer 1.
