@@ -724,6 +724,23 @@ def nnsight_grads(path: Path, layers: str, text: str) -> torch.Tensor:
     return torch.stack([g[0] for g in reversed(found["grads"])]).detach()
 
 
+def layer_grads(
+    tmp_path: Path, path: Path, layers: str, prompts: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """nnrun's d logit_diff / d every layer's output, per prompt [layer, T, hidden]."""
+    results = run_spec(
+        tmp_path,
+        {
+            "model": {"path": str(path)},
+            "prompts": prompts,
+            "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"]}},
+            "backward": {"metric": "ld"},
+            "save": {"g": {"at": f"{layers}.*.grad"}},
+        },
+    )
+    return by_prompt(results, "g")
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("arch", ARCHS)
 def test_grads_match_nnsight_on_tiny_models(
@@ -731,17 +748,7 @@ def test_grads_match_nnsight_on_tiny_models(
 ) -> None:
     path = tiny_dir(arch, request)
     layers = SITES[arch]["layers"]
-    results = run_spec(
-        tmp_path,
-        {
-            "model": {"path": str(path)},
-            "prompts": PROMPTS,
-            "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"]}},
-            "backward": {"metric": "ld"},
-            "save": {"g": {"at": f"{layers}.*.grad"}},
-        },
-    )
-    got = by_prompt(results, "g")
+    got = layer_grads(tmp_path, path, layers, PROMPTS)
     for prompt, text in PROMPTS.items():
         assert_close(got[prompt], nnsight_grads(path, layers, text), f"{arch} {prompt}")
 
@@ -751,17 +758,7 @@ def test_smollm2_grads_match_nnsight_and_autograd(smollm2_dir: Path, tmp_path: P
     """SmolLM2, fp32: every layer's gradient of logit_diff equals nnsight's and autograd's
     (relative to the largest gradient, 1e-4)."""
     prompts = {"clean": "The capital of France is", "corrupt": "The capital of Germany is"}
-    results = run_spec(
-        tmp_path,
-        {
-            "model": {"path": str(smollm2_dir)},
-            "prompts": prompts,
-            "metrics": {"ld": {"logit_diff": [" Paris", " Berlin"]}},
-            "backward": {"metric": "ld"},
-            "save": {"g": {"at": "model.layers.*.grad"}},
-        },
-    )
-    got = by_prompt(results, "g")
+    got = layer_grads(tmp_path, smollm2_dir, "model.layers", prompts)
     sites = [f"model.layers.{i}.output" for i in range(30)]
     for prompt, text in prompts.items():
         ours = got[prompt]
