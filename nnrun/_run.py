@@ -131,6 +131,11 @@ def write_output(
         str(model_device(model.model)),
     )
     root.update(run_attrs(loaded))
+    # The attention kernel the run used: a pattern save may switch it to eager.
+    loaded_kernel = getattr(getattr(model.model, "config", None), "_attn_implementation", None)
+    kernel = (first_plan.attn_implementation if first_plan is not None else None) or loaded_kernel
+    if kernel:
+        root["attn_implementation"] = str(kernel)
     root.update(attrs or {})
     streamed = is_prompt_file(first["prompts"])
     meta = None

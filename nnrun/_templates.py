@@ -143,7 +143,7 @@ def _real(match: re.Match[str], names: Any) -> str:
     from nnrun.spec import Location
 
     written = match.group(2)
-    port = "" if re.search(r"\.(output|input)(\[\d+\])*$", written) else ".output"
+    port = "" if re.search(r"\.(output|input|grad)(\[\d+\])*$", written) else ".output"
     try:
         location = parse_location(written + port)
         segments = expand_with(location, names, "template")

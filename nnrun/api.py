@@ -219,6 +219,11 @@ class PlanReport:
     groups: list[GroupReport] = field(default_factory=list)
     metric_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     points: int = 1
+    # With backward: activation bytes one batch keeps for its backward pass (measured on
+    # probe passes), for batch_size rows of `longest` tokens; freed after every batch.
+    backward_bytes: int | None = None
+    longest: int = 1  # tokens in the longest prompt (1 when unknown)
+    backward_rows: int = 0  # the batch rows backward_bytes is for
 
 
 def plan(
@@ -276,6 +281,8 @@ def plan(
             list(compiled.prompts.inline), model.tokenizer, torch.device("cpu"), left_pad=False
         )
         longest = batch.width
+    elif compiled.backward is not None:  # the memory estimate needs the longest prompt
+        longest = _longest_prompt(compiled.prompts, model.tokenizer)
     lead = loaded.sweep.shape if loaded.sweep is not None else ()
     modules = dict(model.model.named_modules())
     shapes: dict[str, tuple[int, ...]] = {}
@@ -284,16 +291,28 @@ def plan(
         if layout.name in shapes:
             continue  # another variant of the same dataset
         own = layout.value_shape or ()
+        if layout.kind == "pattern":  # (head, key): keys as long as the longest prompt
+            own = (_pattern_heads(layout, model.model), longest)
         tokens = len(layout.tokens.positions) if layout.tokens.kind == "list" else longest
         sample = torch.zeros((1, 1, *own), dtype=model.model.dtype)
         with torch.inference_mode():
             out = apply_steps(layout.apply, sample, modules)
         out = out["values"] if isinstance(out, dict) else out
         rows = len(layout.prompts) if layout.prompts is not None else count
-        shape = (*lead, rows) + ((len(layout.sites),) if layout.layered else ()) + (tokens,)
-        shape += tuple(out.shape[2:])
+        shape = (*lead, rows) + ((len(layout.sites),) if layout.layered else ())
+        shape += (len(layout.steps),) if layout.steps is not None else ()
+        if layout.kind == "pattern":
+            shape += (out.shape[2], tokens) + tuple(out.shape[3:])
+        else:
+            shape += (tokens,) + tuple(out.shape[2:])
         shapes[layout.name] = shape
         sizes[layout.name] = math.prod(shape) * out.element_size()
+    backward_bytes = None
+    rows_per_batch = compiled.batch_size
+    if compiled.rows is not None:
+        rows_per_batch = min(rows_per_batch, len(compiled.rows))
+    if compiled.backward is not None:
+        backward_bytes = _backward_memory(compiled, model, rows_per_batch, longest)
     metric_shapes = {
         m.name: (*lead, len(m.prompts) if m.prompts is not None else count)
         for m in compiled.metrics
@@ -308,6 +327,45 @@ def plan(
         groups=groups,
         metric_shapes=metric_shapes,
         points=len(loaded.points()),
+        backward_bytes=backward_bytes,
+        longest=longest,
+        backward_rows=rows_per_batch,
+    )
+
+
+def _longest_prompt(prompts: Any, tokenizer: Any, most: int = 10_000) -> int:
+    """Tokens in the longest of (the first `most`) prompts of a prompt file."""
+    from itertools import islice
+
+    from nnrun.engine import iter_prompts
+
+    longest = 1
+    for _, text in islice(iter_prompts(prompts, tokenizer), most):
+        longest = max(longest, len(tokenizer(text)["input_ids"]))
+    return longest
+
+
+def _pattern_heads(layout: Any, model: Any) -> int:
+    from nnrun.compile._heads import head_counts
+
+    if layout.heads is not None:
+        return len(layout.heads.selected)
+    counts = head_counts(model)
+    return counts[0] if counts else 1
+
+
+def _backward_memory(compiled: Any, model: Any, rows: int, longest: int) -> int:
+    """Activation bytes one batch's backward pass keeps (see compile.backward_bytes)."""
+    from nnrun.compile import backward_bytes
+
+    reading = [
+        actions.site
+        for actions in compiled.sites
+        if any(s.kind in ("grad", "attribution") for s in actions.saves)
+    ]
+    first = min(reading, key=lambda site: site.order)
+    return backward_bytes(
+        model.model, (first.module, first.port), rows, longest, tokenizer=model.tokenizer
     )
 
 

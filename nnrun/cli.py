@@ -385,10 +385,12 @@ def plan(
         for group in report.groups:
             for label, error in group.failed.items():
                 console.print(f"[yellow]point {escape(label)} fails:[/yellow] {escape(error)}")
-        console.print(
-            "[dim]rows that do not depend on a sweep variable are shared by every point; "
-            "a batch also carries the source rows its edits read[/dim]"
+        shared = (
+            "with backward: each point has rows of its own, so that its gradients are its own"
+            if compiled.backward is not None
+            else "rows that do not depend on a sweep variable are shared by every point"
         )
+        console.print(f"[dim]{shared}; a batch also carries the source rows its edits read[/dim]")
     else:
         sources = (
             f", plus source rows {', '.join(compiled.source_prompts)} in every batch"
@@ -399,6 +401,16 @@ def plan(
             f"{report.prompt_count} prompts in {report.batches} batch(es) of up to "
             f"{compiled.batch_size}{sources}; {compiled.passes} forward pass per batch; "
             f"about {sum(report.save_bytes.values()):,} bytes to {compiled.output}"
+        )
+    if compiled.backward is not None and report.backward_bytes is not None:
+        loss = compiled.backward
+        what = f"metric {loss.metric}" if loss.metric is not None else f"the loss at {loss.at}"
+        console.print(
+            f"backward: one backward pass per batch from {what} ({loss.reduce} over its "
+            f"prompts); it keeps about {report.backward_bytes / 2**20:,.1f} MiB of activations "
+            f"for a batch of {report.backward_rows} x {report.longest} tokens (measured on probe "
+            "passes), freed after each batch",
+            highlight=False,
         )
     for warning in compiled.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
@@ -646,7 +658,7 @@ def init(
 
 @app.command()
 def plot(
-    output: Annotated[Path, typer.Argument(help="An nnrun output file (.h5) of a sweep.")],
+    output: Annotated[Path, typer.Argument(help="An nnrun output file (.h5).")],
     name: Annotated[str, typer.Argument(help="A metric or save in that file.")],
     figure: Annotated[
         Path | None,
@@ -659,7 +671,11 @@ def plot(
         str, typer.Option(help="How a save becomes one number: norm, mean, sum, max, min.")
     ] = "norm",
 ) -> None:
-    """Plot a sweep: a line for one sweep variable, a labelled heatmap for two."""
+    """Plot a sweep: a line for one sweep variable, a labelled heatmap for two.
+
+    Without a sweep, a save is drawn over its layer / head / token axes (an
+    attribution-patching grid: layers by tokens).
+    """
     from nnrun import plot as draw
 
     written = draw(output, name, figure, prompt=prompt, reduce=reduce)

@@ -79,6 +79,7 @@ TINY_OVERRIDES = {
     "steering-source": ["layer=1"],
     "steering": ["layer=1"],
     "steering-generation": ["layer=1"],
+    "attention-pattern": ["save.last.at='@layers[1:3].attn.output[1]'"],
 }
 
 

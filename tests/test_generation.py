@@ -674,6 +674,107 @@ def test_cross_prompt_embeddings_make_b_generate_as_a(arch, batch_size, steps, r
     assert got == [want[0], want[0], want[2]]
 
 
+SOURCE_STEP = {"target": "The capital of France is", "love": "I like to read books"}
+
+
+@pytest.mark.parametrize(
+    ("step", "steps", "first"),
+    [(0, "all", 0), ("same", "all", 0), (None, "all", 0), (2, "2:", 2), (0, "1:", 1)],
+)
+def test_source_step_selects_which_step_of_the_source_is_read(
+    step, steps, first, tiny_llama, tmp_path
+):
+    """`add: {from: love, tokens: [-1], step: S}` adds love's value at step S at every step
+    the edit runs (0: its prompt pass, a fixed vector); `step: same` (the default, also
+    without `step:`) adds love's value at the step being edited, which follows the tokens
+    love generates itself. The reference adds the same vectors with a plain hook."""
+    alpha, layer = 2.0, "model.layers.1"
+    _, love_seen, _ = plain_generate(tiny_llama, [SOURCE_STEP["love"]], site=layer)
+    love = [out[0, -1] for out in love_seen]  # love's newest token at each forward call
+    counter = itertools.count()
+
+    def add(out: torch.Tensor) -> torch.Tensor:
+        call = next(counter)
+        if call < first:
+            return out
+        vector = love[call] if step in ("same", None) else love[step]
+        return out + alpha * vector
+
+    want, _, _ = plain_generate(tiny_llama, [SOURCE_STEP["target"]], edit_site=layer, edit=add)
+    unsteered, _, _ = plain_generate(tiny_llama, [SOURCE_STEP["target"]])
+    assert want != unsteered
+    source: dict[str, Any] = {"from": "love", "tokens": [-1]}
+    if step is not None:
+        source["step"] = step
+    spec = {
+        "model": {"path": str(tiny_llama)},
+        "prompts": dict(SOURCE_STEP),
+        "generate": {"max_new_tokens": N},
+        "edits": [
+            {
+                "at": f"{layer}.output",
+                "prompts": ["target"],
+                "steps": steps,
+                "tokens": "all",
+                "add": source,
+                "alpha": alpha,
+            }
+        ],
+    }
+    loaded = check_spec({"nnrun": 1, **spec})
+    warned = [w.path for w in loaded.warnings]
+    assert warned == (["edits[0].add.from"] if step is None else [])
+    got = rows(generation(run_spec(tmp_path, spec)))
+    assert got[0] == want[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "path", "fragment"),
+    [
+        (
+            {"steps": "all", "add": {"from": "b", "step": 2}},
+            "edits[0].add.step",
+            "the edit runs at step 0",
+        ),
+        (
+            {"steps": "1:", "add": {"from": "b", "step": 3}},
+            "edits[0].add.step",
+            "past the last step",
+        ),
+        ({"steps": 0, "add": {"from": "b", "step": "later"}}, "edits[0].add.step", ""),
+    ],
+)
+def test_bad_source_steps(edit, path, fragment):
+    from nnrun.spec import load_spec, validate_spec
+
+    spec = {
+        "nnrun": 1,
+        "prompts": {"a": "x", "b": "y"},
+        "generate": {"max_new_tokens": 3},
+        "edits": [{"at": "model.layers.0.output", **edit}],
+    }
+    issues = validate_spec(load_spec(spec))
+    assert any(i.path == path and fragment in i.message for i in issues), issues
+    del spec["generate"]
+    spec["edits"][0] = {"at": "model.layers.0.output", "add": {"from": "b", "step": 1}}
+    issues = validate_spec(load_spec(spec))
+    assert [(i.path, "needs a generate: section" in i.message) for i in issues] == [
+        ("edits[0].add.step", True)
+    ]
+
+
+def test_validate_warns_about_a_source_read_at_every_step(tmp_path):
+    spec = tmp_path / "drift.yaml"
+    spec.write_text(
+        "nnrun: 1\nprompts: {a: x, love: I love it}\ngenerate: {max_new_tokens: 3}\n"
+        "edits:\n  - at: model.layers.0.output\n    prompts: [a]\n"
+        "    add: {from: love, tokens: [-1]}\n"
+    )
+    code, out = _validate(spec)
+    assert code == 0
+    assert "warning" in out and "edits[0].add.from" in out and "step: 0" in out
+
+
 # -- the specs in specs/ on tiny Llama ---------------------------------------------------
 
 

@@ -42,10 +42,15 @@ REAL = {
         "embed": "transformer.wte",
         "ln_final": "transformer.ln_f",
         "lm_head": "lm_head",
+        "attn.o": "c_proj",  # q, k and v are fused in c_attn: no standard name
     },
     "llama": {
         "layers": "model.layers",
         "attn": "self_attn",
+        "attn.q": "q_proj",
+        "attn.k": "k_proj",
+        "attn.v": "v_proj",
+        "attn.o": "o_proj",
         "mlp": "mlp",
         "embed": "model.embed_tokens",
         "ln_final": "model.norm",
@@ -54,6 +59,10 @@ REAL = {
     "bert": {
         "layers": "encoder.layer",
         "attn": "attention",
+        "attn.q": "self.query",
+        "attn.k": "self.key",
+        "attn.v": "self.value",
+        "attn.o": "output.dense",
         "embed": "embeddings.word_embeddings",
     },
 }
@@ -197,6 +206,10 @@ def test_encoder_decoder_uses_the_table() -> None:
     assert names.describe() == {
         "@layers.N": "decoder.block.N",
         "@layers.N.attn": "decoder.block.N.layer.0.SelfAttention",
+        **{
+            f"@layers.N.attn.{p}": f"decoder.block.N.layer.0.SelfAttention.{p}"
+            for p in ("q", "k", "v", "o")
+        },
         "@layers.N.mlp": "decoder.block.N.layer.2.DenseReluDense",
         "@embed": "shared",
         "@ln_final": "decoder.final_layer_norm",

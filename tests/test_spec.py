@@ -434,7 +434,7 @@ def test_three_mistakes_give_three_issues(in_tmp: Path) -> None:
 CASES = [
     # (snippet appended to MINIMAL, path, message fragment, line)
     ("save:\n  r:\n    at: model.layers.5\n", "save.r.at", "add .output or .input", 7),
-    ("save:\n  r:\n    at: model.layers.5.grad\n", "save.r.at", "'grad' is not supported yet", 7),
+    ("save:\n  r:\n    at: model.layers.5.grad\n", "save.r.at", "needs a backward: section", 7),
     ("save:\n  r:\n    at: model..layers.output\n", "save.r.at", "empty name", 7),
     ("save:\n  r:\n    at: model.layers.*.x.*.output\n", "save.r.at", "more than one wildcard", 7),
     ("save:\n  r:\n    tokens: [0]\n", "save.r", "missing required key 'at'", 6),
@@ -671,11 +671,21 @@ LOCATIONS_OK = [
     ("output[0][1]", Location((), "output", (0, 1))),
     ("encoder.layer.0.output.output", Location(("encoder", "layer", 0, "output"), "output")),
     ("transformer.h[*].attn.output[0]", Location(("transformer", "h", W, "attn"), "output", (0,))),
+    ("model.layers.5.grad", Location(("model", "layers", 5), "grad")),
+    ("model.layers.*.grad", Location(("model", "layers", W), "grad")),
+    (
+        "model.layers.2.self_attn.grad[0]",
+        Location(("model", "layers", 2, "self_attn"), "grad", (0,)),
+    ),
+    (
+        "model.layers.3.mlp.down_proj.input.grad",
+        Location(("model", "layers", 3, "mlp", "down_proj"), "input.grad"),
+    ),
+    ("grad", Location((), "grad")),
 ]
 LOCATIONS_BAD = [
     ("model.layers.5", "no port"),
     ("model.layers[*]", "no port"),
-    ("model.layers.5.grad", "not supported yet"),
     ("model..layers.output", "empty name"),
     ("model.layers.5.output.", "empty name"),
     (".output", "empty name"),

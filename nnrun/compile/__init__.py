@@ -6,6 +6,7 @@ from nnrun.compile._groups import PointGroup, group_points
 from nnrun.compile._pack import pack_points, point_sha256
 from nnrun.compile._probe import (
     SiteInfo,
+    backward_bytes,
     cached_probe,
     model_device,
     probe_sites,
@@ -45,6 +46,7 @@ __all__ = [
     "SaveLayout",
     "SiteActions",
     "SiteInfo",
+    "backward_bytes",
     "cached_probe",
     "compile_plan",
     "compile_point",

@@ -8,14 +8,17 @@ from typing import Any
 
 from torch import nn
 
+from nnrun.compile._heads import is_pattern, resolve_heads
 from nnrun.compile._limits import check_edit_site, check_prompt_lengths
 from nnrun.compile._pack import pack_points
 from nnrun.compile._probe import cached_probe, value_shape
 from nnrun.compile._resolve import ResolvedLocation, resolve_location
 from nnrun.compile.plan import (
     ApplyStep,
+    Backward,
     EditAction,
     FileValue,
+    Heads,
     HookSite,
     LiteralValue,
     MetricAction,
@@ -32,6 +35,7 @@ from nnrun.errors import CompileError
 from nnrun.models._tokens import render_prompt
 from nnrun.spec import LoadedSpec, is_prompt_file, parse_step_selection, parse_token_selection
 from nnrun.spec._constants import METRIC_KINDS
+from nnrun.spec._semantic import source_step_warnings
 
 NAMED_OPS = ("softmax", "log_softmax", "argmax", "norm", "mean", "sum", "float")
 EDIT_OPS = ("set", "add", "mul", "zero", "noise", "mean_ablate", "project_out", "clamp", "skip")
@@ -74,6 +78,7 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
     captures_at: dict[_SITE_KEY, set[tuple[int, ...]]] = defaultdict(set)
     layouts: list[SaveLayout] = []
     sources: list[str] = []
+    grad_sites: list[tuple[str, ResolvedLocation]] = []  # (spec path, forward site)
     generate = data.get("generate")
     max_steps = int(generate["max_new_tokens"]) if generate else 1
 
@@ -90,6 +95,8 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
             raise CompileError(f"{what}: {site.label} never runs in the forward pass ({hint})")
         return rank
 
+    current = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    patterns: list[str] = []  # saves that read attention weights
     for name, save in data.get("save", {}).items():
         path = f"save.{name}"
         sites, layered = resolve_location(model, save["at"], spec_path=f"{path}.at")
@@ -97,9 +104,42 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
         tokens = parse_token_selection(save.get("tokens", "all"))
         steps = parse_step_selection(save.get("steps", "all"))
         apply = _apply_steps(model, save.get("apply", []), f"{path}.apply")
+        kind = _save_kind(model, save, sites[0], path)
+        if kind == "pattern":
+            patterns.append(name)
+            if generate and steps.resolve(max_steps) != [0]:
+                raise CompileError(
+                    f"{path}: attention weights are saved from the prompt pass only (later "
+                    f"steps attend over a growing cache); give it steps: 0"
+                )
+        heads = None
+        own = None
         for layer, site in enumerate(sites):
-            ranked(site, f"{path}.at")
-            saves_at[(site.module, site.port)].append(
+            forward = _forward_site(site)
+            ranked(forward, f"{path}.at")
+            own = value_shape(
+                probed[(forward.module, forward.port)].shape,
+                site.indices,
+                root=site.module == "",
+            )
+            if "heads" in save:
+                heads = resolve_heads(
+                    model, site, save["heads"], own[-1] if own else None, f"{path}.heads"
+                )
+            source = None
+            if kind == "attribution":
+                value = save["attribution"]
+                sources.append(str(value["from"]))
+                source = PromptValue(
+                    prompt=str(value["from"]),
+                    module=forward.module,
+                    port=forward.port,
+                    indices=site.indices,
+                    tokens=None
+                    if value.get("tokens") is None
+                    else parse_token_selection(value["tokens"]),
+                )
+            saves_at[(forward.module, forward.port)].append(
                 SaveAction(
                     name=name,
                     layer=layer,
@@ -109,8 +149,13 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
                     steps=steps,
                     apply=apply,
                     before_edits=bool(save.get("before_edits", False)),
+                    kind=kind,
+                    heads=heads,
+                    source=source,
                 )
             )
+            if kind in ("grad", "attribution"):
+                grad_sites.append((path, forward))
         layouts.append(
             SaveLayout(
                 name=name,
@@ -121,11 +166,9 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
                 tokens=tokens,
                 apply=apply,
                 steps=tuple(steps.resolve(max_steps)) if generate else None,
-                value_shape=value_shape(
-                    probed[(sites[0].module, sites[0].port)].shape,
-                    sites[0].indices,
-                    root=sites[0].module == "",
-                ),
+                value_shape=_layout_shape(kind, own, heads),
+                kind=kind,
+                heads=heads,
             )
         )
 
@@ -141,7 +184,7 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
             shape = probed[(site.module, site.port)].shape
             if op == "skip":
                 _check_skip(site, shape, probed.get((site.module, "input")), path)
-            operand = _operand(model, op, edit[op], site, f"{path}.{op}")
+            operand = _operand(model, op, edit[op], site, f"{path}.{op}", bool(generate))
             if isinstance(operand, PromptValue):
                 sources.append(operand.prompt)
                 source = ResolvedLocation(operand.module, operand.port, operand.indices)
@@ -154,6 +197,19 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
                     )
                 if operand.key != (site.module, site.port, site.indices):
                     captures_at[(operand.module, operand.port)].add(operand.indices)
+            own = value_shape(shape, site.indices, root=site.module == "")
+            heads = None
+            if "heads" in edit:
+                if is_pattern(model, site):
+                    raise CompileError(
+                        f"{path}.heads: {site.label} holds attention weights the module returns "
+                        "after using them, so editing them changes nothing downstream; edit "
+                        "a head's output at the attention output projection's input instead"
+                    )
+                heads = resolve_heads(
+                    model, site, edit["heads"], own[-1] if own else None, f"{path}.heads"
+                )
+                own = (len(heads.selected), heads.dim)
             edits_at[(site.module, site.port)].append(
                 EditAction(
                     index=index,
@@ -165,7 +221,8 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
                     prompts=_frozen(_prompt_ids(edit.get("prompts", "all"))),
                     tokens=parse_token_selection(edit.get("tokens", "all")),
                     steps=parse_step_selection(edit.get("steps", "all")),
-                    value_shape=value_shape(shape, site.indices, root=site.module == ""),
+                    value_shape=own,
+                    heads=heads,
                 )
             )
 
@@ -173,12 +230,34 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
     if metric_actions:
         saves_at.setdefault(("", "output"), [])
         sources += [m.reference for m in metric_actions if m.reference is not None]
+    backward = None
+    if data.get("backward"):
+        backward, loss = _backward(data, model, probed, ranked, grad_sites)
+        if loss is not None:
+            site, action = loss
+            saves_at[(site.module, site.port)].append(action)
+    warnings = [f"{path}: {message}" for path, message in source_step_warnings(data)]
+    attn_implementation = None
+    if patterns and current != "eager":
+        asked = data.get("model", {}).get("attn_implementation")
+        if asked is not None:
+            raise CompileError(
+                f"save.{patterns[0]}: attention weights are returned only by eager attention, "
+                f"and model.attn_implementation is {asked}; set attn_implementation: eager"
+            )
+        attn_implementation = "eager"
+        warnings.append(
+            f"save {', '.join(patterns)} reads attention weights, which {current or 'this'} "
+            "attention does not return: this run uses eager attention (set "
+            "model.attn_implementation: eager to say so in the spec)"
+        )
     prompt_source = _prompt_source(data["prompts"], tokenizer, bool(data.get("chat_template")))
     check_prompt_lengths(prompt_source, tokenizer, model, generate)
     if sources and prompt_source.inline is None:
         raise CompileError(
-            "edits read other prompts' values (from:, mean_ablate.over), which needs "
-            "inline prompts: a streamed prompts.file cannot name its sources"
+            "edits and attribution saves read other prompts' values (from:, "
+            "mean_ablate.over), which needs inline prompts: a streamed prompts.file cannot "
+            "name its sources"
         )
     keys = sorted(set(saves_at) | set(edits_at) | set(captures_at), key=lambda k: order[k])
     sites = tuple(
@@ -208,7 +287,144 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
         prompt_ids=None
         if prompt_source.inline is None
         else tuple(p for p, _ in prompt_source.inline),
+        warnings=tuple(warnings),
+        backward=backward,
+        attn_implementation=attn_implementation,
     )
+
+
+def _forward_site(site: ResolvedLocation) -> ResolvedLocation:
+    """The hook site of a location: a gradient port is read where its value is."""
+    port = {"grad": "output", "input.grad": "input"}.get(site.port, site.port)
+    return ResolvedLocation(site.module, port, site.indices)
+
+
+def _save_kind(model: nn.Module, save: dict[str, Any], site: ResolvedLocation, path: str) -> str:
+    """What a save reads: value, grad, pattern or attribution (see SAVE_KINDS)."""
+    if site.port in ("grad", "input.grad"):
+        if not site.module and site.port == "input.grad":
+            raise CompileError(
+                f"{path}.at: the model's input is token ids, which have no gradient; read "
+                "the gradient at the embeddings' output instead (@embed.grad)"
+            )
+        if is_pattern(model, site):
+            raise CompileError(
+                f"{path}.at: gradients of attention weights are not supported; save the "
+                "gradient at the attention output projection's input (per head, with heads:)"
+            )
+        return "grad"
+    if save.get("attribution") is not None:
+        if is_pattern(model, site):
+            raise CompileError(f"{path}.attribution: attention weights take no attribution")
+        return "attribution"
+    return "pattern" if is_pattern(model, site) else "value"
+
+
+def _layout_shape(
+    kind: str, own: tuple[int, ...] | None, heads: Heads | None
+) -> tuple[int, ...] | None:
+    """A save's own axes as stored (before apply): heads split, attribution summed."""
+    if kind == "pattern" or own is None:
+        return None  # (head, query, key): the key axis is as long as each batch
+    if heads is not None:
+        own = (*own[:-1], len(heads.selected), heads.dim)
+    return own[:-1] if kind == "attribution" else own
+
+
+def _backward(
+    data: dict[str, Any],
+    model: nn.Module,
+    probed: Any,
+    ranked: Any,
+    grad_sites: list[tuple[str, ResolvedLocation]],
+) -> tuple[Backward, tuple[ResolvedLocation, SaveAction] | None]:
+    """The plan's backward pass, and the loss action at a site (None for a metric loss).
+
+    Every saved gradient must be one the loss can depend on: a site that runs after the
+    loss is read gets none, so it is refused here rather than saved as nothing.
+    """
+    spec = data["backward"]
+    _check_offload(model)
+    reduce = str(spec.get("reduce", "sum"))
+    metric = spec.get("metric")
+    if metric is not None:
+        metric_spec = data.get("metrics", {}).get(metric, {})
+        prompts = _prompt_ids(metric_spec.get("prompts", "all"))
+        loss_site = ResolvedLocation("", "output", ())
+        label = f"metric {metric} (at the model's output)"
+        action = None
+    else:
+        loss = spec["loss"]
+        sites, layered = resolve_location(model, loss["at"], spec_path="backward.loss.at")
+        if layered or len(sites) != 1:
+            raise CompileError(
+                f"backward.loss.at: the loss must be read at one site, not '{loss['at']}' "
+                f"({len(sites)} sites)"
+            )
+        loss_site = sites[0]
+        ranked(loss_site, "backward.loss.at")
+        prompts = _prompt_ids(loss.get("prompts", "all"))
+        tokens = parse_token_selection(loss.get("tokens", "all"))
+        apply = _apply_steps(model, loss.get("apply", []), "backward.loss.apply")
+        own = value_shape(
+            probed[(loss_site.module, loss_site.port)].shape,
+            loss_site.indices,
+            root=loss_site.module == "",
+        )
+        label = loss_site.label
+        action = SaveAction(
+            name="backward.loss",
+            layer=0,
+            indices=loss_site.indices,
+            prompts=_frozen(prompts),
+            tokens=tokens,
+            steps=parse_step_selection(0),
+            apply=apply,
+            before_edits=False,
+            kind="loss",
+        )
+    loss_rank = ranked(loss_site, "backward")
+    for path, site in grad_sites:
+        if ranked(site, path) > loss_rank:
+            raise CompileError(
+                f"{path}.at: the loss ({label}) is computed before {site.label} runs, so it "
+                f"cannot depend on it: the gradient there would be None. Save gradients at "
+                f"sites that run before the loss"
+            )
+    plan = Backward(
+        metric=None if metric is None else str(metric),
+        reduce=reduce,
+        prompts=prompts,
+        at="" if metric is not None else label,
+        value_shape=None if metric is not None else own,
+    )
+    return plan, None if action is None else (loss_site, action)
+
+
+def _check_offload(model: nn.Module) -> None:
+    """Refuse backward on a model whose device map offloads weights (to cpu or disk).
+
+    Offloaded weights are brought in for each module's forward and dropped after it;
+    a backward pass would hold every one of them until it ends, which defeats the
+    offload, and it is not checked on such a setup. Every module on an accelerator (or
+    the whole model on the CPU) is fine.
+    """
+    placed = getattr(model, "hf_device_map", None)
+    if not isinstance(placed, dict):
+        return
+    devices = {str(d) for d in placed.values()}
+    offloaded = sorted(
+        name
+        for name, device in placed.items()
+        if str(device) == "disk" or (str(device) == "cpu" and devices - {"cpu", "disk"})
+    )
+    if offloaded:
+        raise CompileError(
+            f"backward: model.device_map offloads {', '.join(offloaded[:3])}"
+            f"{' ...' if len(offloaded) > 3 else ''} to cpu or disk, which backward does not "
+            "support (the backward pass would keep every offloaded weight in memory); place "
+            "every module on a device, or remove backward:"
+        )
 
 
 def _check_skip(site: ResolvedLocation, shape: Any, module_input: Any, path: str) -> None:
@@ -267,7 +483,7 @@ def _params(op: str, value: Any) -> dict[str, Any]:
 
 
 def _operand(
-    model: nn.Module, op: str, value: Any, site: ResolvedLocation, path: str
+    model: nn.Module, op: str, value: Any, site: ResolvedLocation, path: str, generating: bool
 ) -> Operand | None:
     if op not in ("set", "add", "mul", "project_out"):
         return None
@@ -279,12 +495,15 @@ def _operand(
                 raise CompileError(f"{path}.at: a source must be one site, not '{value['at']}'")
             source = found[0]
         tokens = value.get("tokens")
+        step = value.get("step", "same")
         return PromptValue(
             prompt=str(value["from"]),
             module=source.module,
             port=source.port,
             indices=source.indices,
             tokens=None if tokens is None else parse_token_selection(tokens),
+            # Without generation there is one step: "same" and 0 are the same thing.
+            step=int(step) if generating and step != "same" else None,
         )
     if isinstance(value, dict) and "file" in value:
         return FileValue(file=str(value["file"]), dataset=str(value["dataset"]))

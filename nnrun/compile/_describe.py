@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nnrun.compile.plan import EditAction, FileValue, Plan, PromptValue, SaveAction
+from nnrun.compile.plan import EditAction, FileValue, Heads, Plan, PromptValue, SaveAction
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ def describe_plan(plan: Plan) -> list[PlanRow]:
             )
 
         rows += [row(_save_text(s, layered), s) for s in actions.saves if s.before_edits]
-        rows += [row(f"edit {e.label}{_operand_text(e)}", e) for e in actions.edits]
+        rows += [
+            row(f"edit {e.label}{_operand_text(e)}{_heads_text(e.heads)}", e) for e in actions.edits
+        ]
         rows += [
             row(f"capture{''.join(f'[{i}]' for i in c)} for a later edit", None)
             for c in actions.captures
@@ -48,16 +50,33 @@ def describe_plan(plan: Plan) -> list[PlanRow]:
 
 
 def _save_text(save: SaveAction, layered: set[str]) -> str:
+    if save.kind == "loss":
+        return "loss for backward"
     layer = f" [layer {save.layer}]" if save.name in layered else ""
     before = " (before edits)" if save.before_edits else ""
-    return f"save {save.name}{layer}{before}"
+    what = {
+        "grad": " gradient",
+        "pattern": " attention pattern",
+        "attribution": "",
+    }.get(save.kind, "")
+    if save.kind == "attribution" and save.source is not None:
+        what = f" attribution from '{save.source.prompt}'"
+    return f"save {save.name}{layer}{what}{before}{_heads_text(save.heads)}"
+
+
+def _heads_text(heads: Heads | None) -> str:
+    if heads is None:
+        return ""
+    chosen = "all" if len(heads.selected) == heads.count else ", ".join(map(str, heads.selected))
+    return f" heads {chosen} of {heads.count}"
 
 
 def _operand_text(edit: EditAction) -> str:
     operand = edit.operand
     if isinstance(operand, PromptValue):
         site = f"{operand.module}.{operand.port}" if operand.module else operand.port
-        return f" from '{operand.prompt}' at {site}"
+        step = "" if operand.step is None else f" step {operand.step}"
+        return f" from '{operand.prompt}'{step} at {site}"
     if isinstance(operand, FileValue):
         return f" from {operand.file}:{operand.dataset}"
     if operand is not None:

@@ -10,7 +10,7 @@ from typing import Any
 from nnrun.spec import SweepPoint, is_prompt_file
 
 # Spec keys that every row of a forward pass must agree on.
-SHARED_KEYS = ("model", "batch_size", "seed", "generate")
+SHARED_KEYS = ("model", "batch_size", "seed", "generate", "backward")
 
 
 @dataclass(frozen=True)

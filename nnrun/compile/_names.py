@@ -9,6 +9,10 @@ structure, not from a list of architectures:
   sits closest to the input embeddings;
 - `attn` / `mlp`: the child of a block that is its (self-)attention / feed-forward
   module, by its usual name or its class name;
+- `attn.q` / `attn.k` / `attn.v` / `attn.o`: inside that attention module, the query,
+  key and value projections and the output projection, by their usual names (`q_proj`,
+  BERT's `self.query`, GPT-2's `c_proj`, ...); fused projections (GPT-2's `c_attn`) have
+  no q / k / v;
 - `embed`: `model.get_input_embeddings()`;
 - `lm_head`: the top-level module holding `model.get_output_embeddings()`;
 - `ln_final`: the norm registered beside the layer list, after it.
@@ -48,6 +52,15 @@ _TABLE: dict[str, dict[str, str]] = {
 }
 
 STANDARD = ("layers", "attn", "mlp", "embed", "ln_final", "lm_head")
+# Inside the attention module (paths relative to it): @layers.N.attn.q, ...
+ATTN_PARTS = ("q", "k", "v", "o")
+PART_NAMES = {
+    "q": ("q_proj", "query", "q", "wq"),
+    "k": ("k_proj", "key", "k", "wk"),
+    "v": ("v_proj", "value", "v", "wv"),
+    "o": ("o_proj", "out_proj", "c_proj", "o", "wo", "dense"),
+}
+FUSED_NAMES = ("c_attn", "qkv_proj", "query_key_value", "Wqkv", "qkv", "in_proj")
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,11 @@ class StandardNames:
                 out["@layers.N"] = f"{path}.N"
             elif name in ("attn", "mlp"):
                 out[f"@layers.N.{name}"] = f"{layers}.N.{path}"
+                if name == "attn":
+                    for part in ATTN_PARTS:
+                        inner = self.paths.get(f"attn.{part}")
+                        if inner is not None:
+                            out[f"@layers.N.attn.{part}"] = f"{layers}.N.{path}.{inner}"
             else:
                 out[f"@{name}"] = path
         return out
@@ -96,15 +114,22 @@ class StandardNames:
                 for part in ("attn", "mlp"):
                     if self.paths.get(part) is not None:
                         out[f"{layers}.{i}.{self.paths[part]}"] = f"@layers.{i}.{part}"
+                for part in ATTN_PARTS:
+                    inner = self.paths.get(f"attn.{part}")
+                    if inner is not None:
+                        real = f"{layers}.{i}.{self.paths['attn']}.{inner}"
+                        out[real] = f"@layers.{i}.attn.{part}"
         return out
 
     def unmapped_message(self, wanted: str) -> str:
         """Why `wanted` (a standard name) cannot be used, with what can."""
         mapped = ", ".join(f"{k} -> {v}" for k, v in self.describe().items()) or "none"
+        every = [*STANDARD, *(f"attn.{p}" for p in ATTN_PARTS)]
         missing = "; ".join(
-            f"@{n if n not in ('attn', 'mlp') else 'layers.N.' + n}: {self.reasons[n]}"
-            for n in STANDARD
-            if self.paths.get(n) is None
+            f"@{n if n not in ('attn', 'mlp') and not n.startswith('attn.') else 'layers.N.' + n}"
+            f": {self.reasons[n]}"
+            for n in every
+            if self.paths.get(n) is None and n in self.reasons
         )
         return (
             f"the standard name '{wanted}' has no module in {self.model_class}. "
@@ -150,6 +175,9 @@ def expand_with(location: Location, names: StandardNames, spec_path: str) -> tup
     if rest and rest[0] in ("attn", "mlp"):
         part = rest.pop(0)
         out += real(part, f"@layers.N.{part}")
+        if part == "attn" and rest and rest[0] in ATTN_PARTS:
+            inner = rest.pop(0)
+            out += real(f"attn.{inner}", f"@layers.N.attn.{inner}")
     return (*out, *rest)
 
 
@@ -181,6 +209,12 @@ def _map(model: nn.Module) -> StandardNames:
             put(name, (None, "no layer list"))
         else:
             put(name, finder(layer0))
+    attn = layer0.get_submodule(paths["attn"]) if layer0 is not None and paths.get("attn") else None
+    for part in ATTN_PARTS:
+        if attn is None:
+            put(f"attn.{part}", (None, "no attention module"))
+        else:
+            put(f"attn.{part}", _attention_part(attn, part))
     put("ln_final", _final_norm(named, paths.get("layers")))
     put("lm_head", _head(model, ids, paths))
     layers = paths.get("layers")
@@ -272,6 +306,26 @@ def _attention(layer: nn.Module) -> tuple[str | None, str]:
     if by_class:
         return None, f"several attention modules in a layer ({', '.join(by_class)})"
     return None, f"no attention module among a layer's children ({', '.join(children)})"
+
+
+def _attention_part(attn: nn.Module, part: str) -> tuple[str | None, str]:
+    """The query / key / value / output projection inside an attention module.
+
+    Searched among its descendants by their usual names (BERT nests them: `self.query`,
+    `output.dense`); a fused q/k/v projection leaves q, k and v unmapped, with the reason.
+    """
+    named = [(n, m) for n, m in attn.named_modules() if n]
+    found = [
+        n for n, m in named if n.rsplit(".", 1)[-1] in PART_NAMES[part] and not list(m.children())
+    ]
+    if len(found) == 1:
+        return found[0], ""
+    if len(found) > 1:
+        return None, f"several {part} projections in the attention module ({', '.join(found)})"
+    fused = [n for n, _ in named if n.rsplit(".", 1)[-1] in FUSED_NAMES]
+    if fused and part != "o":
+        return None, f"queries, keys and values are fused in one projection ({fused[0]})"
+    return None, f"no {part} projection among the attention module's children"
 
 
 def _mlp(layer: nn.Module) -> tuple[str | None, str]:

@@ -29,6 +29,7 @@ from nnrun.compile.plan import (
     SaveLayout,
     SiteActions,
 )
+from nnrun.errors import CompileError
 from nnrun.spec import SweepPoint
 
 _Site = tuple[str, str]
@@ -62,7 +63,9 @@ def pack_points(compiled: Sequence[tuple[SweepPoint, Plan]], *, spec_text: str) 
         return replace(first, spec_text=spec_text, points=(info,), rows=None)
 
     single = len(compiled) == 1
-    keys = _row_keys(compiled)
+    # With a backward pass a row's gradient must be its own point's: a row shared by
+    # several points (or read by several points' rows) would sum their losses' gradients.
+    keys = _row_keys(compiled, share=first.backward is None)
     rows: dict[str, PromptRow] = {}
     sources: dict[str, list[str]] = defaultdict(list)
     # site -> action description -> action (merged over points)
@@ -102,7 +105,18 @@ def pack_points(compiled: Sequence[tuple[SweepPoint, Plan]], *, spec_text: str) 
                     sources[row] += _edit_sources(mapped)
                 _merge(edits[site], _describe(mapped), mapped)
             for save in actions.saves:
-                mapped = replace(save, prompts=rows_of(save.prompts), key=variant_of[save.name])
+                source = save.source
+                if source is not None:  # attribution: the prompt it would patch in
+                    source = replace(source, prompt=own[source.prompt])
+                mapped = replace(
+                    save,
+                    prompts=rows_of(save.prompts),
+                    key=variant_of.get(save.name, ""),  # the backward loss has no dataset
+                    source=source,
+                )
+                if source is not None:
+                    for row in mapped.prompts or own.values():
+                        sources[row].append(source.prompt)
                 _merge(saves[site], _describe(mapped), mapped)
             for metric in actions.metrics:
                 reference = None if metric.reference is None else own[metric.reference]
@@ -151,6 +165,9 @@ def pack_points(compiled: Sequence[tuple[SweepPoint, Plan]], *, spec_text: str) 
         )
         for m, p in sorted(ranks, key=ranks.__getitem__)
     )
+    if first.backward is not None:
+        check_backward_batches(rows, first.batch_size)
+    plans = [plan for _, plan in compiled]
     return replace(
         first,
         spec_text=spec_text,
@@ -160,7 +177,48 @@ def pack_points(compiled: Sequence[tuple[SweepPoint, Plan]], *, spec_text: str) 
         rows=tuple(rows.values()),
         points=tuple(infos),
         source_prompts=tuple(dict.fromkeys(s for row in rows.values() for s in row.sources)),
+        # Any point's attention weights need eager attention for the whole shared pass.
+        attn_implementation=next(
+            (p.attn_implementation for p in plans if p.attn_implementation), None
+        ),
+        warnings=tuple(dict.fromkeys(w for p in plans for w in p.warnings)),
     )
+
+
+def connected_rows(rows: dict[str, PromptRow]) -> list[list[str]]:
+    """Rows grouped so that no row reads (or is read by) a row of another group.
+
+    A backward pass needs each group in one micro-batch: a source row's gradient
+    includes what flows back through the rows that read it. Groups keep plan order.
+    """
+    parent = {key: key for key in rows}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for key, row in rows.items():
+        for source in row.sources:
+            if source in parent:
+                parent[root(source)] = root(key)
+    groups: dict[str, list[str]] = {}
+    for key in rows:
+        groups.setdefault(root(key), []).append(key)
+    return list(groups.values())
+
+
+def check_backward_batches(rows: dict[str, PromptRow], batch_size: int) -> None:
+    """Refuse a backward plan whose connected rows cannot fit in one micro-batch."""
+    for group in connected_rows(rows):
+        if len(group) > batch_size:
+            raise CompileError(
+                f"backward: prompts {', '.join(group[:4])}{' ...' if len(group) > 4 else ''} "
+                f"read each other's values ({len(group)} rows), and a backward pass needs "
+                f"them in one batch so that each gradient is complete, but batch_size is "
+                f"{batch_size}; raise batch_size to {len(group)}"
+            )
 
 
 def _describe(action: Any) -> str:
@@ -235,8 +293,16 @@ def prompt_axis(selected: tuple[str, ...] | None, prompt_ids: tuple[str, ...]) -
     return prompt_ids if selected is None else tuple(p for p in prompt_ids if p in selected)
 
 
-def _row_keys(compiled: Sequence[tuple[SweepPoint, Plan]]) -> dict[tuple[int, str], str]:
-    """(point number, prompt id) -> row key; equal computations share a key."""
+def _row_keys(
+    compiled: Sequence[tuple[SweepPoint, Plan]], *, share: bool = True
+) -> dict[tuple[int, str], str]:
+    """(point number, prompt id) -> row key; equal computations share a key (if `share`)."""
+    if not share and len(compiled) > 1:
+        return {
+            (n, prompt): f"{prompt}@{n}"
+            for n, (_, plan) in enumerate(compiled)
+            for prompt, _ in plan.prompts.inline or ()
+        }
     signatures: dict[tuple[int, str], Any] = {}
     for n, (_, plan) in enumerate(compiled):
         texts = dict(plan.prompts.inline or ())

@@ -146,3 +146,57 @@ def _probe_token(tokenizer: Any) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def backward_bytes(
+    model: nn.Module,
+    first: tuple[str, str],
+    rows: int,
+    width: int,
+    tokenizer: Any = None,
+) -> int:
+    """Bytes of activations a backward pass keeps for a batch of `rows` x `width` tokens.
+
+    Measured, not guessed: probe forward passes of one row of 8, 16 and 32 tokens run
+    with gradients tracked from the first site a gradient is read at, `first` (module,
+    port), as the engine does, and count the tensors autograd saves for the backward
+    pass (parameters excluded: they are in memory anyway). A quadratic in the length
+    (attention keeps (tokens x tokens) weights) fitted to the three is scaled to the batch.
+    """
+    params = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    module = model.get_submodule(first[0]) if first[0] else model
+    lengths = (8, 16, 32)
+    measured = []
+    for length in lengths:
+        seen: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor, seen: dict[int, int] = seen) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        def leaf(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value.detach().requires_grad_()
+            if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+                return (leaf(value[0]), *value[1:])
+            return value
+
+        if first[1] == "input":
+            handle = module.register_forward_pre_hook(
+                lambda _m, args: (leaf(args[0]), *args[1:]) if args else None
+            )
+        else:
+            handle = module.register_forward_hook(lambda _m, _a, out: leaf(out))
+        ids = torch.full((1, length), _probe_token(tokenizer), device=model_device(model))
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            handle.remove()
+        measured.append(float(sum(seen.values())))
+    # bytes(T) = a + b T + c T^2 through the three points, at T = width
+    x = torch.tensor([[1.0, t, t * t] for t in lengths], dtype=torch.float64)
+    a, b, c = torch.linalg.solve(x, torch.tensor(measured, dtype=torch.float64)).tolist()
+    return int(max(a + b * width + c * width * width, 0.0) * rows)

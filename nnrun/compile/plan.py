@@ -55,6 +55,25 @@ class ApplyStep:
 
 
 @dataclass(frozen=True)
+class Heads:
+    """A value's last axis split into attention heads, and the heads an action selects.
+
+    `count` x `dim` is the last axis at the site (query heads at the output projection's
+    input and the query projection; key/value heads at the key and value projections).
+    For attention weights (batch, heads, query, key) `count` is the head axis.
+    """
+
+    count: int
+    dim: int
+    selected: tuple[int, ...]
+
+
+# What a SaveAction reads: the value, its gradient (d loss / d value), an attention
+# pattern, an attribution (source - value) . gradient, or the backward pass's loss.
+SAVE_KINDS = ("value", "grad", "pattern", "attribution", "loss")
+
+
+@dataclass(frozen=True)
 class SaveAction:
     """Read the value at a site and keep the selected rows and tokens."""
 
@@ -72,6 +91,10 @@ class SaveAction:
     # The variant of the save this action feeds (see SaveLayout.key); sweep points whose
     # save reads another site or token are variants of one dataset.
     key: str = ""
+    kind: str = "value"  # one of SAVE_KINDS
+    heads: Heads | None = None  # split the last axis into heads and keep these
+    # attribution: the prompt whose value would be patched in (its row key), same site.
+    source: PromptValue | None = None
 
     @property
     def variant(self) -> str:
@@ -110,6 +133,8 @@ class PromptValue:
     port: str
     indices: tuple[int, ...]
     tokens: TokenSelection | None  # None: the edited positions, in the source prompt's tokens
+    # While generating: the source's value at this step (None: at the step being edited).
+    step: int | None = None
 
     @property
     def key(self) -> tuple[str, str, tuple[int, ...]]:
@@ -143,6 +168,7 @@ class EditAction:
     # The value's own axes at the site (after batch and tokens), from the probe
     # pass; lets a wrong operand shape fail before any prompt runs.
     value_shape: tuple[int, ...] | None = None
+    heads: Heads | None = None  # act on these heads only
 
     @property
     def label(self) -> str:
@@ -191,6 +217,8 @@ class SaveLayout:
     # Where each row's values land: row key -> ((point index, prompt slot), ...).
     # None: rows are appended in run order (prompts streamed from a file).
     targets: Targets | None = None
+    kind: str = "value"  # value | grad | pattern | attribution (SaveAction.kind)
+    heads: Heads | None = None
 
     @property
     def variant(self) -> str:
@@ -199,7 +227,9 @@ class SaveLayout:
     @property
     def leading_axes(self) -> tuple[str, ...]:
         axes = ("prompt",) + (("layer",) if self.layered else ())
-        return axes + (("step",) if self.steps is not None else ()) + ("token",)
+        axes += ("step",) if self.steps is not None else ()
+        # A pattern is (head, query token, key token): its head axis comes before token.
+        return axes + (("head",) if self.kind == "pattern" else ()) + ("token",)
 
     @property
     def token_axis(self) -> int:
@@ -264,6 +294,26 @@ class PromptSource:
 
 
 @dataclass(frozen=True)
+class Backward:
+    """The loss of a backward pass: a metric's values, or the `loss` action at a site.
+
+    The loss of a batch is the sum over its rows of each row's loss (times
+    1 / the number of prompts it is averaged over, with `reduce: mean`); rows never
+    read each other's gradients through it, so each row gets its own gradient.
+    """
+
+    metric: str | None  # the metric's name (every variant of it), or None for a site loss
+    reduce: str = "sum"  # sum | mean
+    # The prompt ids the loss is averaged over (None: every prompt); only for `mean`.
+    prompts: tuple[str, ...] | None = None
+    # The loss site's label for messages ("" for a metric).
+    at: str = ""
+    # A site loss's own axes at the site (after batch and tokens), from the probe pass:
+    # lets a loss that is not one number per token fail before any prompt runs.
+    value_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """A compiled experiment: sites in execution order and output layout."""
 
@@ -291,6 +341,10 @@ class Plan:
     prompt_ids: tuple[str, ...] | None = None
     # torch.use_deterministic_algorithms for the run (the spec's `deterministic:`).
     deterministic: bool = False
+    backward: Backward | None = None  # None: no backward pass (inference mode)
+    # The attention implementation the run switches the model to (None: as loaded);
+    # eager when a save reads attention weights the loaded implementation does not return.
+    attn_implementation: str | None = None
 
     @property
     def modules(self) -> tuple[str, ...]:

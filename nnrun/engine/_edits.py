@@ -19,8 +19,10 @@ import torch
 
 from nnrun.compile.plan import EditAction, FileValue, LiteralValue, PromptValue
 from nnrun.engine._batch import Batch
+from nnrun.engine._heads import head_index, pick_heads, split_heads
 from nnrun.engine._select import TokenIndex, token_index
 from nnrun.errors import RunError
+from nnrun.spec import TokenSelection
 
 
 class OperandCache:
@@ -164,6 +166,8 @@ class EditContext:
         self.step = -1  # the generation step of the forward pass under way (-1: none yet)
         self.width = batch.width  # how many tokens per row that forward takes
         self._index: dict[Any, TokenIndex | None] = {}
+        # `{from: P, step: S}` operands kept from step S, by edit (see hold_source).
+        self.held: dict[int, torch.Tensor] = {}
 
     def index(
         self,
@@ -204,7 +208,49 @@ def apply_edit(
     label: str,
     module_input: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The site's value with `edit` applied to its selection."""
+    """The site's value with `edit` applied to its selection.
+
+    With `heads:` the edit sees the value as (batch, tokens, selected heads, head_dim)
+    and only those heads are written back.
+    """
+    if edit.heads is not None and value.dim() >= 2:
+        split = split_heads(value, edit.heads, f"{edit.label} at {label}")  # (B, T, H, D)
+        chosen = head_index(edit.heads, value.device)
+        part = split.index_select(-2, chosen)  # (B, T, h, D)
+        new = _apply(edit, part, ctx, site_key, label, module_input)
+        if new is part:
+            return value
+        out = split.clone()
+        out.index_copy_(-2, chosen, new.to(out.dtype))
+        return out.reshape(value.shape)
+    return _apply(edit, value, ctx, site_key, label, module_input)
+
+
+def hold_source(
+    edit: EditAction,
+    value: torch.Tensor,
+    ctx: EditContext,
+    *,
+    site_key: tuple[str, str, tuple[int, ...]],
+    label: str,
+) -> None:
+    """Keep an edit's `{from: P, step: S}` operand at step S, for the steps after it.
+
+    Called at step S whether or not the edit itself runs then.
+    """
+    if edit.heads is not None:
+        value = pick_heads(value, edit.heads, f"{edit.label} at {label}")
+    ctx.held[id(edit)] = _source_values(edit, value, ctx, site_key, label, edit.tokens)[0]
+
+
+def _apply(
+    edit: EditAction,
+    value: torch.Tensor,  # (batch, tokens, ...)
+    ctx: EditContext,
+    site_key: tuple[str, str, tuple[int, ...]],
+    label: str,
+    module_input: torch.Tensor | None,
+) -> torch.Tensor:
     batch = ctx.batch
     if value.dim() < 2 or value.shape[0] != batch.size:
         raise RunError(
@@ -282,28 +328,55 @@ def _operand(
     if isinstance(operand, LiteralValue | FileValue):
         return ctx.operands.on_device(edit, selected)
     assert isinstance(operand, PromptValue)
+    if operand.step is not None and ctx.step != operand.step:
+        held = ctx.held.get(id(edit))
+        if held is None:
+            raise RunError(
+                f"{edit.label}: step {operand.step} of prompt '{operand.prompt}' has not run "
+                f"yet at step {ctx.step}"
+            )
+        return held
+    found, ragged = _source_values(edit, value, ctx, site_key, label, edit.tokens)
+    if ragged and index.ragged and found.shape[1] != selected.shape[1]:
+        raise RunError(
+            f"{edit.label} at {label}: prompt '{operand.prompt}' gives {found.shape[1]} "
+            f"tokens for a selection of {selected.shape[1]}; select the same number of tokens "
+            f"(e.g. tokens: [-1] or a list) or give from.tokens"
+        )
+    if operand.step is not None:
+        ctx.held[id(edit)] = found
+    return found
+
+
+def _source_values(
+    edit: EditAction,
+    value: torch.Tensor,
+    ctx: EditContext,
+    site_key: tuple[str, str, tuple[int, ...]],
+    label: str,
+    tokens: TokenSelection,
+) -> tuple[torch.Tensor, bool]:
+    """(1, Ks, ...) the source prompt's values a `{from: ...}` operand reads at this step,
+    and whether the source's selection is ragged (its width varies between prompts)."""
+    operand = edit.operand
+    assert isinstance(operand, PromptValue)
     source = value if operand.key == site_key else ctx.captured.get(operand.key)
     if source is None:
         raise RunError(f"{edit.label}: the source site of prompt '{operand.prompt}' did not run")
-    tokens = operand.tokens or edit.tokens
+    if operand.key != site_key and edit.heads is not None:
+        source = pick_heads(source, edit.heads, f"{edit.label} from '{operand.prompt}'")
     found = ctx.index(
         frozenset([operand.prompt]),
-        tokens,
+        operand.tokens or tokens,
         f"{edit.label} from '{operand.prompt}'",
         source.shape[1],
     )
     if found is None:
         raise RunError(f"{edit.label}: prompt '{operand.prompt}' is not in this batch")
-    found = TokenIndex(found.rows[:1], found.columns[:1], found.valid[:1], found.ragged)
     found = found.to(source.device)
-    if found.ragged and index.ragged and found.columns.shape[1] != selected.shape[1]:
-        raise RunError(
-            f"{edit.label} at {label}: prompt '{operand.prompt}' gives {found.columns.shape[1]} "
-            f"tokens for a selection of {selected.shape[1]}; select the same number of tokens "
-            f"(e.g. tokens: [-1] or a list) or give from.tokens"
-        )
     # the source site may run on another device than this one (device maps)
-    return source[found.rows[:, None], found.columns].to(selected.device)  # (1, Ks, ...)
+    picked = source[found.rows[:1, None], found.columns[:1]].to(value.device)  # (1, Ks, ...)
+    return picked, found.ragged
 
 
 def _noise(

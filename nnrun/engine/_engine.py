@@ -7,7 +7,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import islice
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nnrun.compile._limits import check_batch_lengths, max_positions
+from nnrun.compile._pack import connected_rows
 from nnrun.compile._probe import first_input, model_device
 from nnrun.compile.plan import (
     FileValue,
@@ -22,12 +23,27 @@ from nnrun.compile.plan import (
     MetricAction,
     Plan,
     PromptRow,
+    PromptValue,
     SaveAction,
     SiteActions,
 )
 from nnrun.engine._apply import apply_steps, check_apply
-from nnrun.engine._batch import Batch, iter_prompt_records, make_batch, takes_position_ids
-from nnrun.engine._edits import EditContext, OperandCache, apply_edit, check_operand_shape
+from nnrun.engine._backward import BackwardPass, GradRead
+from nnrun.engine._batch import (
+    Batch,
+    count_prompts,
+    iter_prompt_records,
+    make_batch,
+    takes_position_ids,
+)
+from nnrun.engine._edits import (
+    EditContext,
+    OperandCache,
+    apply_edit,
+    check_operand_shape,
+    hold_source,
+)
+from nnrun.engine._heads import pattern_rows, pick_heads
 from nnrun.engine._metrics import compute_metric
 from nnrun.engine._ports import get_value, set_value
 from nnrun.engine._select import TokenIndex, token_index
@@ -86,6 +102,15 @@ class _BatchState:
         self.metrics: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # ids of the actions that select a row of this batch (the others are skipped)
         self.active: set[int] = set()
+        self.backward: BackwardPass | None = None  # with backward: this batch's pass
+
+    def collect(self, variant: str, where: tuple[int, int], picked: Any, index: TokenIndex) -> None:
+        """Keep a save's values (R, K, ...) for (layer, step); several actions feeding one
+        variant there (attributions of different sweep points) are joined row-wise."""
+        entries = self.collected.setdefault(variant, {})
+        if where in entries:
+            picked, index = _join_rows(entries[where], (picked, index))
+        entries[where] = (picked, index)
 
     @property
     def step(self) -> int:
@@ -147,15 +172,14 @@ def preflight(
     shapes the compile-time probe saw. Raises RunError.
     """
     operands = operands or OperandCache()
+    modules = modules_of(model)
     # A sample on the device the model takes inputs on (its first weight may be offloaded
     # to `meta` under a device map), in the model's dtype.
     weight = next(model.parameters(), None)
     dtype = weight.dtype if weight is not None else torch.float32
     like = torch.zeros((), dtype=dtype, device=model_device(model))
     for layout in plan.saves:
-        check_apply(
-            layout.apply, layout.value_shape, modules_of(model), like, f"save '{layout.name}'"
-        )
+        check_apply(layout.apply, layout.value_shape, modules, like, f"save '{layout.name}'")
     rows = _plan_rows(plan)
     batch = None
     if rows is not None:
@@ -168,8 +192,18 @@ def preflight(
         )
     for actions in plan.sites:
         for save in actions.saves:
+            if save.kind == "loss":
+                check_loss(plan, save, actions.site.label, modules)
             if batch is not None:
                 token_index(batch, save.prompts, save.tokens, what=f"save '{save.name}'")
+                if save.source is not None:
+                    token_index(
+                        batch,
+                        frozenset([save.source.prompt]),
+                        save.source.tokens or save.tokens,
+                        what=f"save '{save.name}' attribution from '{save.source.prompt}'",
+                        include_aux=True,
+                    )
         for metric in actions.metrics:
             if batch is not None:
                 token_index(batch, metric.prompts, metric.tokens, what=f"metric '{metric.key}'")
@@ -181,6 +215,28 @@ def preflight(
                 operand = operands.host(edit)
                 selected = None if index is None else tuple(index.columns.shape)
                 check_operand_shape(edit, tuple(operand.shape), actions.site.label, selected)
+
+
+def check_loss(plan: Plan, save: SaveAction, site: str, modules: dict[str, nn.Module]) -> None:
+    """A site loss's apply chain must leave one number per token (they are then summed)."""
+    own = plan.backward.value_shape if plan.backward is not None else None
+    if own is None:
+        raise RunError(f"backward.loss.at: {site} does not carry a (batch, tokens, ...) tensor")
+    weight = next((p for m in modules.values() for p in m.parameters()), None)
+    dtype = weight.dtype if weight is not None else torch.float32
+    sample = torch.zeros((1, 1, *own), dtype=dtype)
+    with torch.no_grad():
+        out = apply_steps(save.apply, sample, modules)
+    if isinstance(out, dict):
+        raise RunError("backward.loss.apply: topk gives several numbers, not one loss")
+    if out.numel() == 1:
+        return
+    steps = ", ".join(s.name for s in save.apply) or "none"
+    raise RunError(
+        f"backward.loss: the loss must be one number per token (summed over tokens and "
+        f"prompts), but {site} with apply [{steps}] gives shape {tuple(out.shape[2:])} per "
+        "token; reduce the value's axes (apply: [..., sum] or [..., norm])"
+    )
 
 
 class Engine:
@@ -204,6 +260,7 @@ class Engine:
         self._rows = _plan_rows(plan)
         self._by_row, self._always = _actions_by_row(plan)
         self.current_rows: list[str] = []  # the rows of the batch under way (for error reports)
+        self._loss_scale = _loss_scale(plan)
         self._field_tokens: dict[str, int] = {}  # `{field: ...}` metric texts -> token ids
 
     def preflight(self) -> None:
@@ -222,12 +279,51 @@ class Engine:
                 PromptRow(key, key, text, fields=record)
                 for key, text, record in iter_prompt_records(self.plan.prompts, self.tokenizer)
             )
+            chunks = iter(lambda: list(islice(source, self.plan.batch_size)), [])
         else:
             wanted = None if rows is None else set(rows)
-            source = iter(r for r in self._rows.values() if wanted is None or r.key in wanted)
-        with self._hooks(), deterministic_algorithms(self.plan.deterministic):
-            while chunk := list(islice(source, self.plan.batch_size)):
+            chosen = [r for r in self._rows.values() if wanted is None or r.key in wanted]
+            chunks = iter(self._chunks(chosen))
+        with self._hooks(), self._attention(), deterministic_algorithms(self.plan.deterministic):
+            for chunk in chunks:
                 yield self._run_batch(chunk)
+
+    def _chunks(self, rows: list[PromptRow]) -> list[list[PromptRow]]:
+        """Micro-batches of rows; with backward, rows that read each other stay together."""
+        size = self.plan.batch_size
+        if self.plan.backward is None:
+            return [rows[i : i + size] for i in range(0, len(rows), size)]
+        by_key = {r.key: r for r in rows}
+        chunks: list[list[PromptRow]] = []
+        for group in connected_rows(by_key):
+            members = [by_key[key] for key in group]
+            if chunks and len(chunks[-1]) + len(members) <= size:
+                chunks[-1] += members
+            else:
+                chunks.append(members)
+        return chunks
+
+    @contextmanager
+    def _attention(self) -> Iterator[None]:
+        """Switch the model's attention implementation for the run (and back after it)."""
+        wanted = self.plan.attn_implementation
+        config = getattr(self.model, "config", None)
+        before = getattr(config, "_attn_implementation", None)
+        if wanted is None or before == wanted:
+            yield
+            return
+        setter = getattr(self.model, "set_attn_implementation", None)
+        if setter is None:
+            raise RunError(
+                f"attention weights need {wanted} attention, and {type(self.model).__name__} "
+                "cannot switch its attention implementation; load it with "
+                f"model.attn_implementation: {wanted}"
+            )
+        setter(wanted)
+        try:
+            yield
+        finally:
+            setter(before)
 
     def _run_batch(self, chunk: list[PromptRow]) -> BatchResult:
         extra = self._source_rows(chunk)
@@ -253,15 +349,23 @@ class Engine:
         self._state = state
         generated = None
         try:
-            with torch.inference_mode():
-                if self.plan.generate is None:
+            if self.plan.backward is not None:
+                state.backward = BackwardPass()
+                with torch.enable_grad():
                     self.model(**batch.model_inputs())
-                else:
-                    generated = self._generate(batch)
+                    state.backward.run(_loss_name(self.plan))
+                state.backward = None  # frees the graph before the host copies
+            else:
+                with torch.inference_mode():
+                    if self.plan.generate is None:
+                        self.model(**batch.model_inputs())
+                    else:
+                        generated = self._generate(batch)
             saves = self._gather(batch, generated)
             metrics = self._gather_metrics(batch, generated)
         finally:
             self._state = None
+            state.edits.captured.clear()  # the batch's activations go with the batch
         n = len(chunk)  # the auxiliary source rows come last and are not results
         return BatchResult(
             prompt_ids=[r.prompt for r in chunk],
@@ -367,7 +471,7 @@ class Engine:
     def _at_site(
         self, actions: SiteActions, container: Any, *, root: bool, inputs: Any = None
     ) -> Any:
-        """Saves (before edits), edits in spec order, then saves; None if unchanged."""
+        """Saves (before edits), edits in spec order, gradient reads, then saves; None if unchanged."""
         state = self._state
         if state is None:  # the module ran outside a planned forward (e.g. ad hoc)
             return None
@@ -375,35 +479,165 @@ class Engine:
         active = state.active
         saves = [s for s in actions.saves if id(s) in active]
         for save in saves:
-            if save.before_edits:
+            if save.before_edits and save.kind in ("value", "pattern"):
                 self._save(state, save, container, root=root, label=label)
         changed = False
         for edit in actions.edits:
-            if id(edit) not in active or not _in_steps(edit.steps, state.step, self._max_steps):
+            if id(edit) not in active:
                 continue
             site_label = label + "".join(f"[{i}]" for i in edit.indices)
+            site_key = (actions.site.module, actions.site.port, edit.indices)
+            running = _in_steps(edit.steps, state.step, self._max_steps)
+            operand = edit.operand
+            if isinstance(operand, PromptValue) and operand.step == state.step and not running:
+                value = get_value(container, edit.indices, root=root, label=site_label)
+                hold_source(edit, value, state.edits, site_key=site_key, label=site_label)
+            if not running:
+                continue
             value = get_value(container, edit.indices, root=root, label=site_label)
             new = apply_edit(
                 edit,
                 value,
                 state.edits,
                 label=site_label,
-                site_key=(actions.site.module, actions.site.port, edit.indices),
+                site_key=site_key,
                 module_input=_tensor_or_none(first_input(*inputs)) if edit.op == "skip" else None,
             )
             if new is not value:
                 container = set_value(container, edit.indices, new, root=root)
                 changed = True
+        if state.backward is not None:
+            tracked = self._read_grads(state, actions, saves, container, root=root, label=label)
+            if tracked is not container:
+                container, changed = tracked, True
         for indices in actions.captures:
             key = (actions.site.module, actions.site.port, indices)
             state.edits.captured[key] = get_value(container, indices, root=root, label=label)
         for save in saves:
-            if not save.before_edits:
+            if save.kind in ("value", "pattern") and not save.before_edits:
                 self._save(state, save, container, root=root, label=label)
+            elif save.kind == "loss" and state.backward is not None:
+                self._loss(state, save, container, root=root, label=label)
         for metric in actions.metrics:
             if id(metric) in active and metric.step == state.step:
                 self._metric(state, metric, container, root=root, label=label)
         return container if changed else None
+
+    def _read_grads(
+        self,
+        state: _BatchState,
+        actions: SiteActions,
+        saves: list[SaveAction],
+        container: Any,
+        *,
+        root: bool,
+        label: str,
+    ) -> Any:
+        """Make the site's value carry gradients and register each gradient save's read."""
+        backward = state.backward
+        assert backward is not None
+        for save in saves:
+            if save.kind not in ("grad", "attribution"):
+                continue
+            what = f"save '{save.name}'"
+            index = state.index_for(save.prompts, save.tokens, what)
+            if index is None:
+                continue
+            value = get_value(container, save.indices, root=root, label=label)
+            site = label + "".join(f"[{i}]" for i in save.indices)
+            self._check_rows(value, state.batch, f"{what} at {site}")
+            tracked = backward.track(value)
+            if tracked is not value:
+                container = set_value(container, save.indices, tracked, root=root)
+            index = index.fit(value.shape[1], state.edits.width, f"{what} at {site}")
+            diff = None
+            if save.kind == "attribution":
+                diff = self._attribution_diff(state, save, tracked.detach(), index, site)
+            backward.read(
+                tracked,
+                GradRead(
+                    label=f"{what} at {site}",
+                    on_grad=partial(self._on_grad, state, save, index, diff, site),
+                    shape=tracked.shape,
+                    dtype=tracked.dtype,
+                    device=tracked.device,
+                ),
+            )
+        return container
+
+    def _attribution_diff(
+        self,
+        state: _BatchState,
+        save: SaveAction,
+        value: torch.Tensor,
+        index: TokenIndex,
+        site: str,
+    ) -> torch.Tensor:
+        """(R, K, ...) the source prompt's value minus each selected row's, at the same tokens."""
+        source = save.source
+        assert source is not None
+        what = f"save '{save.name}' attribution from '{source.prompt}'"
+        found = state.edits.index(
+            frozenset([source.prompt]), source.tokens or save.tokens, what, value.shape[1]
+        )
+        if found is None:
+            raise RunError(f"{what}: prompt '{source.prompt}' is not in this batch")
+        own = value[index.rows[:, None], index.columns]  # (R, K, ...)
+        theirs = value[found.rows[:1, None], found.columns[:1]]  # (1, Ks, ...)
+        if theirs.shape[1] != own.shape[1] and theirs.shape[1] != 1:
+            raise RunError(
+                f"{what} at {site}: '{source.prompt}' gives {theirs.shape[1]} tokens for "
+                f"{own.shape[1]} selected; the prompts must have the same length (or select "
+                "tokens both have, e.g. a list)"
+            )
+        if save.heads is not None:
+            own = pick_heads(own, save.heads, f"{what} at {site}")
+            theirs = pick_heads(theirs, save.heads, f"{what} at {site}")
+        return (theirs - own).float()
+
+    def _on_grad(
+        self,
+        state: _BatchState,
+        save: SaveAction,
+        index: TokenIndex,
+        diff: torch.Tensor | None,
+        site: str,
+        grad: torch.Tensor,
+    ) -> None:
+        """Keep a save's selection of d loss / d value (or its attribution) for the batch."""
+        picked = grad[index.rows[:, None], index.columns]  # (R, K, ...)
+        if save.heads is not None:
+            picked = pick_heads(picked, save.heads, f"save '{save.name}' at {site}")
+        if diff is not None:  # attribution: (source - value) . grad over the last axis
+            picked = (diff * picked.float()).sum(dim=-1).to(grad.dtype)
+        else:
+            picked = apply_steps(save.apply, picked, self.modules)
+        state.collect(save.variant, (save.layer, 0), picked, index)
+
+    def _loss(
+        self, state: _BatchState, save: SaveAction, container: Any, *, root: bool, label: str
+    ) -> None:
+        """Add each selected row's loss: its tokens' numbers summed (see check_loss)."""
+        index = state.index_for(save.prompts, save.tokens, "backward.loss")
+        if index is None:
+            return
+        value = get_value(container, save.indices, root=root, label=label)
+        self._check_rows(value, state.batch, f"backward.loss at {label}")
+        index = index.fit(value.shape[1], state.edits.width, f"backward.loss at {label}")
+        picked = apply_steps(save.apply, value[index.rows[:, None], index.columns], self.modules)
+        assert isinstance(picked, torch.Tensor)
+        per_token = picked.reshape(*index.valid.shape).float()  # (R, K): one number each
+        per_row = torch.where(index.valid, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+        assert state.backward is not None
+        state.backward.add_loss(per_row * self._loss_scale)
+
+    @staticmethod
+    def _check_rows(value: torch.Tensor, batch: Batch, what: str) -> None:
+        if value.dim() < 2 or value.shape[0] != batch.size:
+            raise RunError(
+                f"{what}: expected a value of shape (batch={batch.size}, tokens, ...) but it "
+                f"has shape {tuple(value.shape)}"
+            )
 
     def _metric(
         self, state: _BatchState, metric: MetricAction, container: Any, *, root: bool, label: str
@@ -428,7 +662,11 @@ class Engine:
             reference = logits[found.rows[:1], found.columns[:1, 0]]  # (1, V)
         ids = self._metric_tokens(metric, index.rows.tolist(), state.batch, what)  # (R, k)
         values = compute_metric(metric.kind, picked, ids, reference)  # (R,)
-        state.metrics.setdefault(metric.key, []).append((values, index.rows))
+        backward = self.plan.backward
+        if state.backward is not None and backward is not None and backward.metric is not None:
+            if metric.key.split("#")[0] == backward.metric:  # every variant of that metric
+                state.backward.add_loss(values * self._loss_scale)
+        state.metrics.setdefault(metric.key, []).append((values.detach(), index.rows))
 
     def _metric_tokens(
         self, metric: MetricAction, rows: list[int], batch: Batch, what: str
@@ -479,21 +717,27 @@ class Engine:
         index = state.index_for(save.prompts, save.tokens, what)
         if index is None:
             return
-        value = get_value(container, save.indices, root=root, label=label)  # (B, T, ...)
+        site = label + "".join(f"[{i}]" for i in save.indices)
+        value = get_value(container, save.indices, root=root, label=site).detach()
         batch = state.batch
-        if value.dim() < 2 or value.shape[0] != batch.size:
-            raise RunError(
-                f"{what} at {label}: expected a value of shape (batch={batch.size}, "
-                f"tokens, ...) but it has shape {tuple(value.shape)}"
-            )
-        index = index.fit(value.shape[1], state.edits.width, f"{what} at {label}")
+        if save.kind == "pattern":  # (B, heads, query, key): query tokens are the token axis
+            if value.dim() == 4:
+                value = value.transpose(1, 2)  # fit and the checks below see (B, query, ...)
+        self._check_rows(value, batch, f"{what} at {site}")
+        index = index.fit(value.shape[1], state.edits.width, f"{what} at {site}")
         index = index.to(value.device)  # a device map may put this site elsewhere
         if not wanted:  # only the sample's shape is used: one column is enough
             index = TokenIndex(index.rows, index.columns[:, :1], index.valid[:, :1], True)
-        picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
-        picked = apply_steps(save.apply, picked, self.modules)
+        if save.kind == "pattern":
+            picked = pattern_rows(value.transpose(1, 2), index, batch, save.heads, site)
+        else:
+            picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
+            if save.heads is not None:
+                picked = pick_heads(picked, save.heads, f"{what} at {site}")  # (R, K, h, d)
+        with torch.no_grad():
+            picked = apply_steps(save.apply, picked, self.modules)
         step = state.step if wanted else -1
-        state.collected.setdefault(save.variant, {})[(save.layer, step)] = (picked, index)
+        state.collect(save.variant, (save.layer, step), picked, index)
 
     # -- results -------------------------------------------------------------
 
@@ -527,13 +771,13 @@ class Engine:
                 return _assemble(values, entries[(0, step)][1], layout.layered, batch)
 
             if layout.steps is None:
-                out[layout.variant] = _to_host(assembled(0))
+                out[layout.variant] = _to_host(_heads_first(assembled(0), layout))
                 continue
             # None: every row had stopped before this step, so it never ran.
             per_step = [assembled(s) if (0, s) in entries else None for s in layout.steps]
             sample = assembled(first) if all(p is None for p in per_step) else None
             stacked = _stack_steps(per_step, layout, batch, generated, sample)
-            out[layout.variant] = _to_host(stacked)
+            out[layout.variant] = _to_host(_heads_first(stacked, layout))
         return out
 
     def _gather_metrics(
@@ -625,6 +869,65 @@ def _stack_steps(
         counts=count,
         extra={k: v for k, v in stacked.items() if k != "values"},
     )
+
+
+def _join_rows(
+    first: tuple[Any, TokenIndex], second: tuple[Any, TokenIndex]
+) -> tuple[Any, TokenIndex]:
+    """Two (values (R, K, ...), index) of one save variant as one, token axes padded."""
+    (a, ia), (b, ib) = first, second
+    width = max(ia.columns.shape[1], ib.columns.shape[1])
+
+    def pad(x: torch.Tensor, fill: Any) -> torch.Tensor:
+        extra = width - x.shape[1]
+        if extra == 0:
+            return x
+        filler = torch.full((x.shape[0], extra, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+        return torch.cat([x, filler], dim=1)
+
+    def join(x: Any, y: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: join(x[k], y[k]) for k in x}
+        return torch.cat([pad(x, 0), pad(y, 0)])
+
+    index = TokenIndex(
+        rows=torch.cat([ia.rows, ib.rows]),
+        columns=torch.cat([pad(ia.columns, 0), pad(ib.columns, 0)]),
+        valid=torch.cat([pad(ia.valid, False), pad(ib.valid, False)]),
+        ragged=ia.ragged or ib.ragged or ia.columns.shape[1] != ib.columns.shape[1],
+    )
+    return join(a, b), index
+
+
+def _heads_first(save: SaveBatch, layout: Any) -> SaveBatch:
+    """A pattern's (..., token, head, key) as stored: (..., head, token, key)."""
+    if layout.kind != "pattern":
+        return save
+    token = layout.token_axis - 1  # the head axis comes first in the layout
+    return SaveBatch(
+        data=save.data.movedim(token + 1, token),
+        prompt_ids=save.prompt_ids,
+        counts=save.counts,
+        extra={k: v.movedim(token + 1, token) for k, v in save.extra.items()},
+    )
+
+
+def _loss_scale(plan: Plan) -> float:
+    """Each row's weight in the loss: 1, or 1 / the prompts averaged over (`reduce: mean`)."""
+    backward = plan.backward
+    if backward is None or backward.reduce != "mean":
+        return 1.0
+    if backward.prompts is not None:
+        return 1.0 / len(backward.prompts)
+    if plan.prompt_ids is not None:
+        return 1.0 / len(plan.prompt_ids)
+    return 1.0 / max(count_prompts(plan.prompts), 1)
+
+
+def _loss_name(plan: Plan) -> str:
+    backward = plan.backward
+    assert backward is not None
+    return f"metric {backward.metric}" if backward.metric is not None else backward.at
 
 
 def _to_host(save: SaveBatch) -> SaveBatch:

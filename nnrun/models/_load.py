@@ -54,6 +54,8 @@ def load_model(
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust}
     kwargs.update(placement_kwargs(model_spec))
+    if model_spec.get("attn_implementation"):  # absent: the model's own default
+        kwargs["attn_implementation"] = str(model_spec["attn_implementation"])
     tok_kwargs: dict[str, Any] = {"trust_remote_code": trust}
 
     if source == "id":

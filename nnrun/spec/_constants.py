@@ -19,6 +19,7 @@ TOP_LEVEL_KEYS = (
     "save",
     "edits",
     "metrics",
+    "backward",
     "generate",
     "sweep",
     "sweep_mode",
@@ -26,7 +27,7 @@ TOP_LEVEL_KEYS = (
 
 # Top-level keys of the product design that this version does not implement yet; they get
 # a "not supported yet" message instead of a did-you-mean guess.
-FUTURE_TOP_LEVEL_KEYS = ("include", "includes", "backward")
+FUTURE_TOP_LEVEL_KEYS = ("include", "includes")
 
 # Top-level scalars usable as ${...} variables besides those declared under vars:.
 SCALAR_VARIABLES = ("name", "seed", "batch_size")
@@ -49,6 +50,13 @@ DEFAULT_BATCH_SIZE = 8
 PROMPT_FILE_DEFAULTS = {"field": "text", "id_field": None, "limit": None}
 
 METRIC_KINDS = ("prob", "logprob", "logit", "rank", "logit_diff", "kl")
+# Metrics a backward pass can start from (rank is a count: it has no gradient).
+DIFFERENTIABLE_METRICS = ("prob", "logprob", "logit", "logit_diff", "kl")
+BACKWARD_REDUCE = ("sum", "mean")
+
+# model.attn_implementation: the names transformers gives its attention kernels. Only
+# eager returns attention weights (`attn.output[1]`).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 # A sweep bigger than this runs only when asked (`nnrun run --yes`); validation refuses
 # to expand anything beyond MAX_SWEEP_POINTS at all.

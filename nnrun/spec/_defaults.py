@@ -90,6 +90,15 @@ def fill_defaults(data: dict[str, Any], stem: str | None) -> None:
                 metric.setdefault("token", -1)
                 metric.setdefault("step", 0)
 
+    backward = data.get("backward")
+    if isinstance(backward, dict):
+        backward.setdefault("reduce", "sum")
+        loss = backward.get("loss")
+        if isinstance(loss, dict):
+            loss.setdefault("prompts", "all")
+            loss.setdefault("tokens", "all")  # summed over the selected tokens
+            loss.setdefault("apply", [])
+
     edits = data.get("edits")
     if isinstance(edits, list):
         for edit in edits:

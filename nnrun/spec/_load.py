@@ -16,6 +16,7 @@ from ._issues import SpecError, SpecIssue
 from ._overrides import apply_overrides
 from ._parse import dump_yaml, parse_json, parse_yaml
 from ._sanitize import sanitize
+from ._semantic import source_step_warnings
 from ._substitute import referenced_names, substitute
 from ._sweep import Sweep, SweepPoint, parse_sweep
 
@@ -206,6 +207,7 @@ def load_spec(source: str | Path | dict, overrides: Sequence[str] = ()) -> Loade
     issues += [SpecIssue(p, m) for p, m in sweep_issues]
     issues = [replace(i, source=shown) for i in unsafe + issues]
     warnings = _unused_sweep_variables(raw, sweep, shown) if sweep is not None else []
+    warnings += [SpecIssue(p, m, lines.get(p), shown) for p, m in source_step_warnings(data)]
     return LoadedSpec(
         data, dump_yaml(data), path, lines, issues, overridden, raw, sweep, warnings, deferred
     )

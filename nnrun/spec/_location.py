@@ -7,7 +7,7 @@ Only the syntax is checked here; whether the modules exist is the compiler's bus
     module    := segment ('.' segment | '[' bracket ']')*
     segment   := identifier | digits | '*'
     bracket   := integer | '*' | [integer] ':' [integer]
-    port      := 'output' | 'input'
+    port      := 'output' | 'input' | 'grad' | 'input.grad'
     index     := '[' integer ']'
 
 At most one wildcard or slice per location: it becomes one axis of the saved tensor.
@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 from ._messages import did_you_mean
 
-PORTS = ("output", "input")
+PORTS = ("output", "input", "grad", "input.grad")
+# Gradient ports (need a `backward:` section): d loss / d the module's output or input.
+GRAD_PORTS = ("grad", "input.grad")
 # Standard names (after '@'), mapped per architecture by nnrun.compile._names.
 STANDARD_NAMES = ("layers", "embed", "ln_final", "lm_head")
 LAYER_PARTS = ("attn", "mlp")  # standard names inside a layer: @layers.N.attn
-# Ports users may know from other tools; named in the message instead of "no port".
-_FUTURE_PORTS = ("grad",)
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ class Location:
     indices: tuple[int, ...] = ()
     # True for '@' locations: module_segments[0] is a standard name, not a module.
     standard: bool = False
+
+    @property
+    def is_grad(self) -> bool:
+        """True for a gradient port (`grad`, `input.grad`)."""
+        return self.port in GRAD_PORTS
 
     @property
     def is_root(self) -> bool:
@@ -173,9 +178,12 @@ def parse_location(text: str) -> Location:
     trailing = tokens[last_name + 1 :]
     port = tokens[last_name][1]
     if port not in PORTS:
-        if port in _FUTURE_PORTS:
-            raise ValueError(f"port {port!r} is not supported yet; use .output or .input")
         raise ValueError(f"{text!r} has no port; add .output or .input (e.g. {text}.output)")
+    if port == "grad" and last_name > 0 and tokens[last_name - 1] == ("name", "input"):
+        # `mlp.down_proj.input.grad`: the gradient at the module's input
+        port = "input.grad"
+        del tokens[last_name - 1]
+        last_name -= 1
     indices: list[int] = []
     for _, value in trailing:
         if not isinstance(value, int):

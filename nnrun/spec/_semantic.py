@@ -8,17 +8,32 @@ mistake gives one issue.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ._constants import EDIT_OPS, METRIC_KINDS, MODEL_SOURCES, VALUE_OPS
+from ._constants import (
+    DIFFERENTIABLE_METRICS,
+    EDIT_OPS,
+    METRIC_KINDS,
+    MODEL_SOURCES,
+    VALUE_OPS,
+)
 from ._devices import is_device_name
-from ._location import parse_location
+from ._location import Location, parse_location
 from ._messages import did_you_mean, one_of_words, show
 from ._paths import join_path
 from ._select import parse_step_selection, parse_token_selection
 
 Issues = list[tuple[str, str]]
+
+
+def _steps(steps: Any, total: int) -> list[int] | None:
+    """The steps a selection resolves to, or None when it names a step past the end."""
+    try:
+        return steps.resolve(total)
+    except IndexError:
+        return None
 
 
 def _is_int(value: Any) -> bool:
@@ -41,18 +56,34 @@ class _Checker:
         self.has_generate = "generate" in data
         max_new = generate.get("max_new_tokens") if isinstance(generate, dict) else None
         self.max_new_tokens = max_new if _is_int(max_new) and max_new >= 1 else None
+        self.has_backward = "backward" in data
+        # Saves that read a gradient (grad ports, attribution): backward needs one.
+        self.gradient_readers = 0
 
     def add(self, path: str, message: str) -> None:
         self.out.append((path, message))
 
     # -- single values -------------------------------------------------------------
 
-    def location(self, value: Any, path: str) -> None:
+    def location(self, value: Any, path: str) -> Location | None:
         if isinstance(value, str) and path not in self.covered:
             try:
-                parse_location(value)
+                return parse_location(value)
             except ValueError as exc:
                 self.add(path, str(exc))
+        return None
+
+    def no_grad_port(self, value: Any, path: str, what: str) -> None:
+        """Edits and loss sites read or change the forward pass: no gradient port there."""
+        found = self.location(value, path)
+        if found is not None and found.is_grad:
+            port = "input" if found.port == "input.grad" else "output"
+            plain = str(replace(found, port=port))
+            self.add(
+                path,
+                f"{what} reads the forward pass, and {found.port} is a gradient port (saves only); "
+                f"use {plain}",
+            )
 
     def apply(self, ops: Any, path: str) -> None:
         """Standard names among apply's modules (@ln_final, @lm_head) must be known ones."""
@@ -225,11 +256,56 @@ class _Checker:
             if not isinstance(save, dict):
                 continue
             base = join_path("save", name)
-            self.location(save.get("at"), join_path(base, "at"))
+            found = self.location(save.get("at"), join_path(base, "at"))
             self.apply(save.get("apply"), join_path(base, "apply"))
             self.prompt_ids(save.get("prompts"), join_path(base, "prompts"))
             self.tokens(save.get("tokens"), join_path(base, "tokens"))
             self.steps(save.get("steps"), join_path(base, "steps"))
+            self.gradient_save(save, found, base)
+
+    def gradient_save(self, save: dict[str, Any], found: Location | None, base: str) -> None:
+        """A save of a gradient (grad port) or an attribution needs backward:."""
+        attribution = save.get("attribution")
+        grad = found is not None and found.is_grad
+        if grad or attribution is not None:
+            self.gradient_readers += 1
+        if grad and not self.has_backward:
+            self.add(
+                join_path(base, "at"),
+                f"{found.port} is a gradient: it needs a backward: section that names the loss "
+                "(e.g. backward: {metric: NAME})",
+            )
+        if grad and save.get("before_edits") is True:
+            self.add(
+                join_path(base, "before_edits"),
+                "a gradient is that of the value the model goes on with (after the edits); "
+                "before_edits does not apply to it",
+            )
+        if not isinstance(attribution, dict):
+            return
+        where = join_path(base, "attribution")
+        if not self.has_backward:
+            self.add(
+                where,
+                "attribution multiplies by a gradient: it needs a backward: section that names "
+                "the loss (e.g. backward: {metric: NAME})",
+            )
+        if grad:
+            self.add(
+                join_path(base, "at"),
+                "attribution reads the forward value and its gradient itself: write the site's "
+                f"{'input' if found.port == 'input.grad' else 'output'} port, not {found.port}",
+            )
+        if save.get("apply"):
+            self.add(
+                join_path(base, "apply"),
+                "attribution is already one number per token (summed over the last axis): "
+                "it takes no apply",
+            )
+        if save.get("before_edits") is True:
+            self.add(join_path(base, "before_edits"), "attribution does not take before_edits")
+        self.prompt_id(attribution.get("from"), join_path(where, "from"))
+        self.tokens(attribution.get("tokens"), join_path(where, "tokens"))
 
     def value(self, value: Any, path: str) -> None:
         if not isinstance(value, dict):
@@ -237,7 +313,7 @@ class _Checker:
         if "from" in value:
             self.prompt_id(value["from"], join_path(path, "from"))
             if "at" in value:
-                self.location(value["at"], join_path(path, "at"))
+                self.no_grad_port(value["at"], join_path(path, "at"), "a value from another prompt")
             if "tokens" in value:
                 self.tokens(value["tokens"], join_path(path, "tokens"))
         elif "file" in value:
@@ -252,7 +328,7 @@ class _Checker:
             if not isinstance(edit, dict):
                 continue
             base = join_path("edits", i)
-            self.location(edit.get("at"), join_path(base, "at"))
+            self.no_grad_port(edit.get("at"), join_path(base, "at"), "an edit")
             self.prompt_ids(edit.get("prompts"), join_path(base, "prompts"))
             self.tokens(edit.get("tokens"), join_path(base, "tokens"))
             self.steps(edit.get("steps"), join_path(base, "steps"))
@@ -278,6 +354,12 @@ class _Checker:
             for op in VALUE_OPS:
                 if op in edit:
                     self.value(edit[op], join_path(base, op))
+                    self.source_step(edit, edit[op], join_path(base, op))
+            if "heads" in edit and edit.get("skip") is True:
+                self.add(
+                    join_path(base, "heads"),
+                    "skip replaces the whole module output by its input; it cannot act on heads",
+                )
             ablate = edit.get("mean_ablate")
             if isinstance(ablate, dict):
                 self.prompt_ids(
@@ -335,6 +417,104 @@ class _Checker:
                         f"so steps run from 0 to {n - 1}",
                     )
 
+    def source_step(self, edit: dict[str, Any], value: Any, path: str) -> None:
+        """`{from: P, step: S}`: S must exist and run no later than every step the edit runs.
+
+        Without `step:` a source read across generation steps follows the source's own
+        new tokens (its value at the step being edited); that is often not what was meant,
+        so it gets a warning (see `source_step_warnings`).
+        """
+        if not isinstance(value, dict) or "from" not in value or "step" not in value:
+            return
+        step = value["step"]
+        where = join_path(path, "step")
+        if not _is_int(step) or step == 0:
+            return  # 'same', 0, or a wrong type the schema reports
+        if not self.has_generate:
+            self.add(
+                where, f"step {step} needs a generate: section (without it there is only step 0)"
+            )
+            return
+        if self.max_new_tokens is not None and step >= self.max_new_tokens:
+            n = self.max_new_tokens
+            self.add(
+                where,
+                f"step {step} is past the last step: generate.max_new_tokens is {n}, "
+                f"so steps run from 0 to {n - 1}",
+            )
+            return
+        try:
+            steps = parse_step_selection(edit.get("steps", "all"))
+        except ValueError:
+            return
+        total = self.max_new_tokens or step + 1
+        early = [s for s in _steps(steps, total) or [] if s < step]
+        if early:
+            self.add(
+                where,
+                f"the edit runs at step {early[0]}, before step {step} of '{value['from']}' "
+                f'exists; give the edit steps: "{step}:" (or read an earlier step)',
+            )
+
+    def backward(self) -> None:
+        backward = self.data.get("backward")
+        if not isinstance(backward, dict):
+            return
+        if self.has_generate:
+            self.add(
+                "backward",
+                "backward runs on one forward pass over the prompts, not on generation: "
+                "remove generate: (or backward:)",
+            )
+        given = [k for k in ("metric", "loss") if k in backward]
+        if len(given) != 1:
+            found = f"; found {one_of_words(given, 'and')}" if given else ""
+            self.add(
+                "backward",
+                "give exactly one loss: metric (a metric's name) or loss (a value at a site "
+                f"reduced to one number per prompt){found}",
+            )
+        metric = backward.get("metric")
+        metrics = self.data.get("metrics")
+        if isinstance(metric, str):
+            names = [k for k in metrics if isinstance(k, str)] if isinstance(metrics, dict) else []
+            if metric not in names:
+                known = (
+                    f" (metrics: {', '.join(names)})" if names else " (the spec has no metrics:)"
+                )
+                self.add(
+                    "backward.metric",
+                    f"unknown metric {metric!r}{did_you_mean(metric, names)}{known}",
+                )
+            elif isinstance(metrics[metric], dict):
+                kinds = [k for k in METRIC_KINDS if k in metrics[metric]]
+                if kinds and kinds[0] not in DIFFERENTIABLE_METRICS:
+                    self.add(
+                        "backward.metric",
+                        f"metric {metric!r} is a {kinds[0]}, a count with no gradient; "
+                        f"use one of {', '.join(DIFFERENTIABLE_METRICS)}",
+                    )
+        loss = backward.get("loss")
+        if isinstance(loss, dict):
+            self.no_grad_port(loss.get("at"), "backward.loss.at", "the loss")
+            self.apply(loss.get("apply"), "backward.loss.apply")
+            self.prompt_ids(loss.get("prompts"), "backward.loss.prompts")
+            self.tokens(loss.get("tokens"), "backward.loss.tokens")
+        if self.gradient_readers == 0:
+            self.add(
+                "backward",
+                "no save reads a gradient: add a save at a grad port (e.g. @layers.*.grad) or "
+                "an attribution save, or remove backward:",
+            )
+        model = self.data.get("model")
+        device_map = model.get("device_map") if isinstance(model, dict) else None
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            self.add(
+                "model.device_map",
+                "backward keeps activations for the gradient; weights offloaded to disk are "
+                "not supported with backward: place every module on a device (or remove backward:)",
+            )
+
     def sweep_mode(self) -> None:
         if "sweep_mode" in self.data and "sweep" not in self.data:
             self.add("sweep_mode", "sweep_mode needs a sweep: section")
@@ -349,5 +529,42 @@ def semantic_issues(data: dict[str, Any], covered: set[str]) -> Issues:
     checker.saves()
     checker.edits()
     checker.metrics()
+    checker.backward()
     checker.sweep_mode()
     return checker.out
+
+
+def source_step_warnings(data: dict[str, Any]) -> Issues:
+    """Edits that read another prompt across generation steps without saying which step.
+
+    `{from: love}` at `steps: all` reads love's value at each step being edited, so the
+    vector follows love's own new tokens; `step: 0` keeps love's prompt-pass value and
+    `step: same` says the drift is meant. Either silences this.
+    """
+    generate = data.get("generate")
+    edits = data.get("edits")
+    if not isinstance(generate, dict) or not isinstance(edits, list):
+        return []
+    out: Issues = []
+    for i, edit in enumerate(edits):
+        if not isinstance(edit, dict):
+            continue
+        try:
+            steps = parse_step_selection(edit.get("steps", "all"))
+        except ValueError:
+            continue
+        total = generate.get("max_new_tokens")
+        if not _is_int(total) or total < 1 or _steps(steps, total) in ([0], None):
+            continue  # the prompt pass only (or a broken spec): no other step to read
+        for op in VALUE_OPS:
+            value = edit.get(op)
+            if isinstance(value, dict) and "from" in value and "step" not in value:
+                out.append(
+                    (
+                        join_path(join_path(join_path("edits", i), op), "from"),
+                        f"reads prompt {show(value['from'])} at each generation step the edit "
+                        "runs, so the value changes with the tokens that prompt generates; "
+                        "add step: 0 for its prompt-pass value, or step: same if that is meant",
+                    )
+                )
+    return out

@@ -1,4 +1,8 @@
-"""A sweep's results as a grid of numbers with labelled axes (for plots and tables)."""
+"""A sweep's results as a grid of numbers with labelled axes (for plots and tables).
+
+A run without a sweep has a grid too when a save has layer, head or token axes (an
+attribution-patching grid is layer x token).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ def sweep_grid(
 ) -> SweepGrid:
     """A metric, or a save reduced to one number per point, over one or two sweep axes.
 
+    Without a sweep, a save is drawn over its own layer / head / token axes instead.
+
     A sweep variable used as a token position goes on the x axis, labelled with the
     tokens it selects (`3 ' Germany'`); the other variable (a layer, say) goes on y.
     `prompt` picks the row of a metric or save that has several prompts (default:
@@ -67,7 +73,9 @@ def sweep_grid(
         tokens = _prompt_tokens(f)
         labels = [_plain(x) for x in f["sweep/label"][()]] if "sweep" in f else []
     if not dims:
-        raise NnrunError(f"'{name}' has no sweep axis to plot: the run has no sweep")
+        if is_metric:
+            raise NnrunError(f"'{name}' has no sweep axis to plot: the run has no sweep")
+        return _save_grid(results, name, prompt, reduce, tokens)
     if len(dims) > 2:
         raise NnrunError(
             f"'{name}' has {len(dims)} sweep axes ({', '.join(dims)}); a plot shows one or two"
@@ -105,6 +113,70 @@ def sweep_grid(
         y_dim, x_dim = x_dim, y_dim
         values = values.T
     return SweepGrid(name, prompt, title, axis(x_dim), axis(y_dim), values)
+
+
+# Without a sweep, a save is drawn over these of its leading axes (y first, x last).
+_SAVE_AXES = ("layer", "head", "token")
+
+
+def _save_grid(
+    results: Results, name: str, prompt: str | None, reduce: str, tokens: dict[str, list[str]]
+) -> SweepGrid:
+    """A save of a run without a sweep over its layer / head / token axes, for one prompt.
+
+    An attribution-patching grid (prompt, layer, token) is a layer x token heatmap with
+    the token axis labelled by the prompt's own tokens; other own axes are reduced.
+    """
+    from nnrun.store._xarray import layer_numbers
+
+    axes = results.axes(name)
+    shown = [a for a in _SAVE_AXES if a in axes]
+    if not shown or "step" in axes:
+        raise NnrunError(
+            f"'{name}' has no sweep axis to plot, and no layer, head or token axis of its own "
+            f"to draw instead (axes: {', '.join(axes)})"
+        )
+    if len(shown) > 2:
+        raise NnrunError(
+            f"'{name}' has {', '.join(shown)} axes; a plot shows two (save fewer layers, "
+            "heads or tokens)"
+        )
+    prompts = results.prompt_ids(name)
+    prompt = prompt or prompts[0]
+    if prompt not in prompts:
+        raise NnrunError(f"'{name}' has no prompt '{prompt}' (its prompts: {', '.join(prompts)})")
+    row = prompts.index(prompt)
+    values = np.asarray(results.array(name)[row], dtype=np.float64)  # (axes after prompt...)
+    own = axes[1:]
+    lengths = results.lengths(name)
+    if lengths is not None and "token" in own:  # ragged tokens: this prompt's own only
+        values = np.take(values, range(int(lengths[row])), axis=own.index("token"))
+    title = name
+    extra = tuple(i for i, a in enumerate(own) if a not in shown)
+    if extra:
+        values = _reduce(values, extra, reduce)
+        title = f"{reduce} of {name}"
+    owner = name.split(".")[0]
+
+    def axis(dim: str, size: int) -> GridAxis:
+        labels = results.labels(owner, dim)
+        if dim == "layer":
+            labels = layer_numbers([str(x) for x in labels or []]) or labels
+        if dim == "token":
+            row_tokens = tokens.get(prompt, [])
+            labels = labels if labels is not None else list(range(size))
+            labels = [
+                f"{p} {row_tokens[int(p)]!r}" if _is_index(p, len(row_tokens)) else str(p)
+                for p in labels
+            ]
+        return GridAxis(dim, [str(x) for x in (labels or range(size))][:size])
+
+    if len(shown) == 1:
+        return SweepGrid(name, prompt, title, axis(shown[0], values.shape[0]), None, values)
+    y_dim, x_dim = shown  # in _SAVE_AXES order: tokens read left to right
+    return SweepGrid(
+        name, prompt, title, axis(x_dim, values.shape[1]), axis(y_dim, values.shape[0]), values
+    )
 
 
 def _reduce(values: np.ndarray, axes: tuple[int, ...], how: str) -> np.ndarray:

@@ -10,6 +10,7 @@ inside `signals_deferred()`: a signal arriving there is held until they are done
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,13 +21,24 @@ from nnrun.errors import Interrupted
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _deferring = False
 _deferred: list[int] = []
+# Signals received while a run owns its output. The handler raises at whatever line
+# runs; if that line swallows exceptions (a __del__, a callback), `check_interrupted`
+# raises again at the next batch.
+_received: list[int] = []
 
 
 def _handler(signum: int, frame: Any) -> None:
     if _deferring:
         _deferred.append(signum)
         return
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def check_interrupted() -> None:
+    """Raise `Interrupted` if a signal arrived that was swallowed where it was raised."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 @contextmanager
@@ -40,12 +52,24 @@ def signals_as_interrupts() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in _SIGNALS}
+    _received.clear()
+    unraisable = sys.unraisablehook
+
+    def quiet(info: Any) -> None:
+        # An interrupt raised inside a __del__ or a weakref callback cannot propagate;
+        # Python would print it as "Exception ignored". check_interrupted raises it again.
+        if not isinstance(info.exc_value, Interrupted):
+            unraisable(info)
+
+    sys.unraisablehook = quiet
     for s, handler in previous.items():
         if handler is not signal.SIG_IGN:
             signal.signal(s, _handler)
     try:
         yield
     finally:
+        _received.clear()
+        sys.unraisablehook = unraisable
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 

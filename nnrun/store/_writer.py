@@ -36,7 +36,7 @@ from nnrun.store._faults import (
 from nnrun.store._meta import PromptMeta
 from nnrun.store._netcdf import add_netcdf_dimensions
 from nnrun.store._paths import partial_path
-from nnrun.store._signals import signals_deferred
+from nnrun.store._signals import check_interrupted, signals_deferred
 from nnrun.store._text import storable_texts
 
 if TYPE_CHECKING:
@@ -239,6 +239,7 @@ class OutputWriter:
 
     def write(self, result: BatchResult) -> None:
         """Write one micro-batch: its prompts, each save's and each metric's values."""
+        check_interrupted()  # a signal swallowed where it arrived stops the run here
         # Before HDF5 is asked to write anything it may fail to write (see _faults).
         check_room(self.tmp_path, _batch_bytes(result))
         with quiet_failed_closes():
@@ -336,17 +337,20 @@ class OutputWriter:
         ds = saves[name]
         n = len(self.lead)
         width = data.shape[token_axis]
-        if width > ds.shape[n + token_axis]:
-            ds.resize(width, axis=n + token_axis)
+        # The token axis (ragged saves) and a pattern's key axis grow with the batches.
+        for axis in range(token_axis, data.ndim):
+            if data.shape[axis] > ds.shape[n + axis]:
+                ds.resize(data.shape[axis], axis=n + axis)
+        own = tuple(slice(0, size) for size in data.shape[token_axis + 1 :])
         lengths = self.file["axes"][layout.name].get("length") if name == layout.name else None
         counts = save.counts.numpy() if ragged else None
         for (start, stop), (point, slot) in _runs(targets):
             self._ensure_rows(ds, slot + stop - start)
             where = self._dest(point, slot)
             block = (slice(where[-1], where[-1] + stop - start),)
-            ds[where[:-1] + block + (slice(None),) * (token_axis - 1) + (slice(0, width),)] = data[
-                start:stop
-            ]
+            ds[
+                where[:-1] + block + (slice(None),) * (token_axis - 1) + (slice(0, width),) + own
+            ] = data[start:stop]
             if lengths is not None and counts is not None:
                 self._ensure_rows(lengths, slot + stop - start)
                 lengths[where[:-1] + block] = counts[start:stop]
@@ -399,6 +403,8 @@ class OutputWriter:
         maxshape = [*self.lead, None if self.prompt_ids is None else prompts, *data.shape[1:]]
         if ragged:
             maxshape[n + token_axis] = None
+        if layout.kind == "pattern":  # the key axis: as long as each batch's longest prompt
+            maxshape[n + token_axis + 1 :] = [None] * len(own)
         fill = np.nan if data.dtype.kind == "f" else -1
         ds = self.file["saves"].create_dataset(
             name,
@@ -444,6 +450,8 @@ class OutputWriter:
             group.create_dataset("layer", data=np.array(layout.sites, dtype=object), dtype=STR)
         if layout.tokens.kind == "list":
             group.create_dataset("token", data=np.array(layout.tokens.positions, dtype=np.int64))
+        if layout.heads is not None:
+            group.create_dataset("head", data=np.array(layout.heads.selected, dtype=np.int64))
 
     def _create_metric(self, layout: MetricLayout) -> None:
         prompts = self._prompt_count(layout.prompts)
@@ -477,7 +485,16 @@ class OutputWriter:
 
     def _own_axes(self, own: tuple[int, ...], layout: SaveLayout) -> list[str]:
         names = [f"dim{i}" for i in range(len(own))]
-        if own and layout.apply and layout.apply[-1].name == "topk":
+        topk = bool(layout.apply) and layout.apply[-1].name == "topk"
+        if layout.kind == "pattern" and not layout.apply:
+            return ["key"][: len(own)]
+        if layout.heads is not None and layout.kind != "pattern":
+            # (head, head_dim); attribution has summed head_dim away, apply may reduce it
+            split = ["head", "head_dim"] if layout.kind != "attribution" else ["head"]
+            names[: len(split)] = split[: len(own)]
+            if not topk:
+                return names
+        if own and topk:
             names[-1] = "k"
         elif own:
             for label, size in self.sizes.items():
