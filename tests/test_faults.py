@@ -113,6 +113,22 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _default_signals(then: Any = None) -> Any:
+    """A preexec_fn giving the child SIGINT's default handling (and then `then`).
+
+    A test run started in the background by a non-interactive shell (a CI runner,
+    `cmd &`) has SIGINT ignored, and children inherit that; nnrun rightly leaves an
+    ignored signal ignored, so the tests that send SIGINT must undo it first.
+    """
+
+    def preexec() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if then is not None:
+            then()
+
+    return preexec
+
+
 def _driver(tmp_path: Path, args: list[str], preexec: Any = None, **env: str) -> subprocess.Popen:
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
@@ -123,7 +139,7 @@ def _driver(tmp_path: Path, args: list[str], preexec: Any = None, **env: str) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=preexec,
+        preexec_fn=_default_signals(preexec),
     )
 
 
@@ -204,6 +220,7 @@ def test_ctrl_c_through_the_installed_executable(tiny_gpt2: Path, tmp_path: Path
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_signals(),
     )
     _wait_for(partial, proc)
     time.sleep(0.5)  # a few batches in
