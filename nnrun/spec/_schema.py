@@ -44,3 +44,15 @@ def validator() -> Any:
     from jsonschema import Draft202012Validator  # imported lazily: loading alone never needs it
 
     return Draft202012Validator(_cached_schema())
+
+
+@functools.lru_cache(maxsize=1)
+def section_validator() -> Any:
+    """A validator for part of a spec: the schema with no top-level key required.
+
+    A sweep's points differ in one place at a time; checking only the top-level section
+    that holds it (``{"edits": [...]}``) costs a fraction of the whole document.
+    """
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator({**_cached_schema(), "required": []})

@@ -11,7 +11,7 @@ from ._issues import SpecError, SpecIssue
 from ._load import LoadedSpec, load_spec
 from ._paths import format_path, join_path, parse_path
 from ._sanitize import UnsafeValue
-from ._schema import validator
+from ._schema import section_validator, validator
 from ._schema_errors import convert
 from ._semantic import semantic_issues
 from ._substitute import referenced_names
@@ -60,12 +60,22 @@ def _override_for(path: str, overridden: dict[str, str]) -> str | None:
     return None
 
 
-def _data_issues(data: dict[str, Any], skip: set[str]) -> list[tuple[str, str]]:
-    """Schema and semantic problems of one resolved spec (paths in ``skip`` excluded)."""
+def _data_issues(
+    data: dict[str, Any], skip: set[str], section: str | None = None
+) -> list[tuple[str, str]]:
+    """Schema and semantic problems of one resolved spec (paths in ``skip`` excluded).
+
+    With ``section`` (a top-level key), the schema checks only that section: the rest
+    is known to be the same as a document already checked whole.
+    """
     found: list[tuple[str, str]] = []
     data = _string_keys(data, "", found)
     schema: list[tuple[str, str]] = []
-    for error in validator().iter_errors(data):
+    if section is None:
+        errors = validator().iter_errors(data)
+    else:
+        errors = section_validator().iter_errors({section: data[section]})
+    for error in errors:
         schema += convert(error)
     # A value that still holds an undefined ${var} fails the schema too; report the cause only.
     schema = [(p, m) for p, m in schema if p not in skip]
@@ -105,11 +115,16 @@ def _get(data: Any, path: str) -> Any:
 
 
 def _with(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    copy = json.loads(json.dumps(data))
+    """A copy of ``data`` with ``value`` at ``path``; only the containers on the path
+    are copied (the rest is shared, and never modified)."""
     parts = parse_path(path)
-    target = copy
+    copy = dict(data)
+    target: Any = copy
     for part in parts[:-1]:
-        target = target[part]
+        inner = target[part]
+        inner = dict(inner) if isinstance(inner, dict) else list(inner)
+        target[part] = inner
+        target = inner
     target[parts[-1]] = value
     return copy
 
@@ -148,7 +163,8 @@ def _sweep_issues(spec: LoadedSpec, skip: set[str]) -> list[tuple[str, str]]:
             if label not in labels:
                 labels.append(label)
         for key, labels in by_value.items():
-            checked = _data_issues(_with(base, leaf, values[key]), skip)
+            section = parse_path(leaf)[0]
+            checked = _data_issues(_with(base, leaf, values[key]), skip, str(section))
             problems = [(p, m) for p, m in checked if _related(p, leaf)]
             if not problems:
                 continue
