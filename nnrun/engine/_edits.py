@@ -156,13 +156,20 @@ def _shape_text(shape: tuple[Any, ...]) -> str:
 class EditContext:
     """What an edit needs besides its own selection: the batch and captured sources."""
 
-    def __init__(self, batch: Batch, operands: OperandCache, seed: int):
+    def __init__(
+        self,
+        batch: Batch,
+        operands: OperandCache,
+        seed: int,
+        indices: dict[tuple, TokenIndex | None] | None = None,
+    ):
         self.batch = batch
         self.operands = operands
         self.seed = seed
         self.captured: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
         self.step = -1  # the generation step of the forward pass under way (-1: none yet)
         self.width = batch.width  # how many tokens per row that forward takes
+        self._indices = indices  # kept across batches of a plan (see token_index)
         self._index: dict[Any, TokenIndex | None] = {}
 
     def index(
@@ -179,7 +186,9 @@ class EditContext:
         Edits reach the auxiliary source rows too (so a source that is itself
         edited reads as it would alone); saves pass `include_aux=False`.
         """
-        key = (prompts, tokens, self.step, include_aux)
+        # The selection by identity: a TokenSelection hashes all its fields on every
+        # call, and this runs at every hooked site of every pass.
+        key = (prompts, id(tokens), self.step, include_aux)
         if key not in self._index:
             self._index[key] = token_index(
                 self.batch,
@@ -188,6 +197,7 @@ class EditContext:
                 what=what,
                 include_aux=include_aux,
                 step=max(self.step, 0),
+                cache=self._indices,
             )
         found = self._index[key]
         if found is None or value_tokens is None:

@@ -29,6 +29,7 @@ from nnrun.engine._batch import Batch, iter_prompts, make_batch, takes_position_
 from nnrun.engine._edits import EditContext, OperandCache, apply_edit, check_operand_shape
 from nnrun.engine._metrics import compute_metric
 from nnrun.engine._ports import get_value, set_value
+from nnrun.engine._seed import seed_generators
 from nnrun.engine._select import TokenIndex, token_index
 from nnrun.errors import RunError
 from nnrun.spec import StepSelection
@@ -174,11 +175,10 @@ class Engine:
         self.left_pad = uses_left_padding(plan, model)
         self.modules = modules_of(model)
         self._max_steps = int(plan.generate["max_new_tokens"]) if plan.generate else 1
-        self._positions = max_positions(model)
+        self._positions = _max_positions(model)
         self.operands = OperandCache()
         self._state: _BatchState | None = None
-        self._rows = _plan_rows(plan)
-        self._by_row, self._always = _actions_by_row(plan)
+        self._rows, self._by_row, self._always, self._indices = _prepared(plan)
         self.current_rows: list[str] = []  # the rows of the batch under way (for error reports)
 
     def preflight(self) -> None:
@@ -191,7 +191,7 @@ class Engine:
         `rows` restricts the run to those row keys (in plan order); by default every
         row of the plan runs (or every prompt of the prompt file).
         """
-        torch.manual_seed(self.plan.seed)
+        seed_generators(self.plan.seed)
         if self._rows is None:
             source: Iterator[PromptRow] = (
                 PromptRow(key, key, text)
@@ -220,7 +220,7 @@ class Engine:
         check_batch_lengths(
             batch.ids, [len(t) for t in batch.token_ids], self._positions, new_tokens
         )
-        state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed))
+        state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed, self._indices))
         state.active = set(self._always)
         for key in batch.ids:
             state.active.update(self._by_row.get(key, ()))
@@ -229,6 +229,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 if self.plan.generate is None:
+                    state.start_step(batch.width)
                     self.model(**batch.model_inputs())
                 else:
                     generated = self._generate(batch)
@@ -287,10 +288,11 @@ class Engine:
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
-        handles = [
-            # Registered first so every other hook of a forward sees its step.
-            self.model.register_forward_pre_hook(self._step_hook, with_kwargs=True)
-        ]
+        handles = []
+        if self.plan.generate is not None:
+            # Registered first so every other hook of a forward sees its step. A single
+            # forward pass is step 0, set before it runs (one hook fewer per pass).
+            handles.append(self.model.register_forward_pre_hook(self._step_hook, with_kwargs=True))
         try:
             for actions in self.plan.sites:
                 module = self.modules[actions.site.module]
@@ -420,10 +422,14 @@ class Engine:
                 f"{what} at {label}: expected a value of shape (batch={batch.size}, "
                 f"tokens, ...) but it has shape {tuple(value.shape)}"
             )
-        index = index.fit(value.shape[1], state.edits.width, f"{what} at {label}")
+        if value.shape[1] != state.edits.width:
+            index = index.fit(value.shape[1], state.edits.width, f"{what} at {label}")
         if not wanted:  # only the sample's shape is used: one column is enough
             index = TokenIndex(index.rows, index.columns[:, :1], index.valid[:, :1], True)
-        picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
+        if index.span is not None:  # a copy: the model may change its tensor in place later
+            picked = value[:, index.span[0] : index.span[1]].clone()  # (R, K, ...)
+        else:
+            picked = value[index.row_column, index.columns]  # (R, K, ...)
         picked = apply_steps(save.apply, picked, self.modules)
         step = state.step if wanted else -1
         state.collected.setdefault(save.variant, {})[(save.layer, step)] = (picked, index)
@@ -581,7 +587,7 @@ def _assemble(values: list[Any], index: TokenIndex, layered: bool, batch: Batch)
     host: dict[str, torch.Tensor] = {}  # still on the device
     for key, tensors in parts.items():
         data = torch.stack(tensors, dim=1) if layered else tensors[0]  # (R, [L], K, ...)
-        if index.ragged:
+        if index.ragged and not index.full:
             valid = index.valid  # (R, K)
             shape = (valid.shape[0],) + (1,) * int(layered) + (valid.shape[1],)
             valid = valid.view(*shape, *([1] * (data.dim() - len(shape))))
@@ -601,6 +607,34 @@ def _assemble(values: list[Any], index: TokenIndex, layered: bool, batch: Batch)
 
 def _tensor_or_none(value: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
+
+
+_POSITIONS: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    """`max_positions`, read once per model (config attribute reads are slow in transformers)."""
+    if model not in _POSITIONS:
+        _POSITIONS[model] = max_positions(model)
+    return _POSITIONS[model]
+
+
+_PREPARED: dict[int, tuple[weakref.ref, Any]] = {}
+
+
+def _prepared(plan: Plan) -> tuple[Any, ...]:
+    """The plan's rows and per-row actions, worked out once per plan (not per Engine):
+    a notebook or a sweep makes an Engine per call."""
+    key = id(plan)
+    entry = _PREPARED.get(key)
+    if entry is not None and entry[0]() is plan:
+        return entry[1]
+    rows = _plan_rows(plan)
+    # Selections are worked out once per batch of rows; streamed prompts never repeat.
+    indices: dict[tuple, Any] | None = None if rows is None else {}
+    value = (rows, *_actions_by_row(plan), indices)
+    _PREPARED[key] = (weakref.ref(plan, lambda _ref: _PREPARED.pop(key, None)), value)
+    return value
 
 
 def _plan_rows(plan: Plan) -> dict[str, PromptRow] | None:
@@ -641,9 +675,26 @@ def _layout_rows(layout: Any) -> frozenset[str] | None:
     return None if layout.prompts is None else frozenset(layout.prompts)
 
 
+_TOKEN_TEXTS: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _token_texts(tokenizer: Any, batch: Batch, n: int) -> list[list[str]]:
-    """Each of the first `n` rows' tokens decoded one by one (" Paris", not "ĠParis")."""
-    return [
-        tokenizer.batch_decode([[t] for t in ids], clean_up_tokenization_spaces=False)
-        for ids in batch.token_ids[:n]
-    ]
+    """Each of the first `n` rows' tokens decoded one by one (" Paris", not "ĠParis").
+
+    Inline prompts come back run after run (a notebook, a sweep): each row is decoded
+    once per tokenizer.
+    """
+    known = _TOKEN_TEXTS.setdefault(tokenizer, {})
+    out = []
+    for ids in batch.token_ids[:n]:
+        key = tuple(ids)
+        if key not in known:
+            if len(known) >= 4096:  # inline prompts only, but keep it bounded
+                known.clear()
+            known[key] = tokenizer.batch_decode(
+                [[t] for t in ids], clean_up_tokenization_spaces=False
+            )
+        out.append(known[key])
+    return out
