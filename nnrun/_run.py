@@ -220,7 +220,7 @@ class SweepRunner:
         self.state = RunProgress(points_total=len(points), points_done=len(done))
         self.state.rows_total = self._rows_estimate(todo)
         self._prepared: dict[int, tuple[Any, Any]] = {}
-        self.out: Any = None  # nnrun.store.OutputWriter, once open
+        self.out: Any = None  # a BackgroundWriter over the open OutputWriter
 
     def first_model(self) -> Any:
         """The model of the first group to run (loaded once; the sweep reuses it)."""
@@ -236,15 +236,26 @@ class SweepRunner:
         return self._prepared[index]
 
     def run(self, out: Any) -> RunProgress:
-        """Run every group into the open output file `out`."""
-        self.out = out
-        if self.state.failures:  # found while preparing, before the file was open
-            out.mark_points([], dict(self.state.failures))
-        for index in range(len(self.groups)):
-            plan, model = self.prepare(index)
-            self._prepared.pop(index, None)
-            if plan is not None:
-                self._execute_plan(plan, model)
+        """Run every group into the open output file `out`.
+
+        The file is written on a thread of its own (`BackgroundWriter`): batch N is
+        written while batch N+1 computes. Whatever way the run ends, the writer has
+        made every call handed to it before `out` is closed.
+        """
+        from nnrun.store import BackgroundWriter
+
+        self.out = writer = BackgroundWriter(out)
+        try:
+            if self.state.failures:  # found while preparing, before the file was open
+                writer.mark_points([], dict(self.state.failures))
+            for index in range(len(self.groups)):
+                plan, model = self.prepare(index)
+                self._prepared.pop(index, None)
+                if plan is not None:
+                    self._execute_plan(plan, model)
+            writer.drain()
+        finally:
+            writer.close()
         self.state.stage = "done"
         self.report(self.state)
         return self.state
@@ -298,6 +309,7 @@ class SweepRunner:
 
         self.out.register(plan)
         engine = Engine(plan, model.model, model.tokenizer)
+        engine.wait_for_host = False  # the writer thread waits for each batch's copies
         self.state.stage = "running"
         self.report(self.state)
         self._execute(engine, plan)

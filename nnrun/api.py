@@ -102,6 +102,7 @@ def run(
             sweep=sweep_layout(loaded),
             resume=resume,
             prompt_meta=meta,
+            expected_rows=runner.state.rows_total if streamed else None,
         ) as out:
             runner.run(out)
     return load(target)

@@ -121,6 +121,7 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
                 tokens=tokens,
                 apply=apply,
                 steps=tuple(steps.resolve(max_steps)) if generate else None,
+                layout=save.get("layout", "auto"),
                 value_shape=value_shape(
                     probed[(sites[0].module, sites[0].port)].shape,
                     sites[0].indices,

@@ -188,6 +188,9 @@ class SaveLayout:
     # Where each row's values land: row key -> ((point index, prompt slot), ...).
     # None: rows are appended in run order (prompts streamed from a file).
     targets: Targets | None = None
+    # How the store lays the token axis out: auto (packed when it is ragged), packed
+    # (only real tokens, with per-prompt offsets) or padded.
+    layout: str = "auto"
 
     @property
     def variant(self) -> str:

@@ -71,6 +71,8 @@ def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
     """
     import h5py
 
+    from nnrun.store import padded_shape, padded_values
+
     path = Path(operand.file)
     where = f"{what}: {operand.dataset!r} in {path}"
     if not os.path.isfile(path):  # os.path: False, not an error, for a name too long
@@ -102,13 +104,14 @@ def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
                 )
             if ds.shape is None:
                 raise RunError(f"{where} is empty (no dataspace); an operand needs values")
-            size = math.prod(ds.shape)
+            shape = padded_shape(ds)  # a packed save (ragged tokens): its padded view
+            size = math.prod(shape)
             if size > MAX_OPERAND_ELEMENTS:
                 raise RunError(
-                    f"{where} has shape {tuple(ds.shape)} ({size:,} values); an operand of "
+                    f"{where} has shape {shape} ({size:,} values); an operand of "
                     f"more than {MAX_OPERAND_ELEMENTS:,} values is not supported"
                 )
-            values = np.asarray(ds[()])
+            values = padded_values(ds)
     except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
         raise RunError(
             f"{what}: cannot read '{path}' as HDF5: {' '.join(str(e).split())}"

@@ -31,6 +31,7 @@ from nnrun.engine._metrics import compute_metric
 from nnrun.engine._ports import get_value, set_value
 from nnrun.engine._seed import seed_generators
 from nnrun.engine._select import TokenIndex, token_index
+from nnrun.engine._transfer import copies_done, to_host
 from nnrun.errors import RunError
 from nnrun.spec import StepSelection
 
@@ -71,6 +72,15 @@ class BatchResult:
     metrics: dict[str, MetricBatch] = field(default_factory=dict)
     # Each prompt's tokens as text (inline prompts only): what `tokens:` positions mean.
     token_texts: list[list[str]] | None = None
+    # On CUDA: an event set once every value of the batch has reached the host (the
+    # copies do not wait for it; see _transfer). None: the values are there.
+    ready: Any = None
+
+    def wait(self) -> None:
+        """Return once the batch's values are on the host (read them only after this)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
 
 
 class _BatchState:
@@ -180,6 +190,10 @@ class Engine:
         self._state: _BatchState | None = None
         self._rows, self._by_row, self._always, self._indices = _prepared(plan)
         self.current_rows: list[str] = []  # the rows of the batch under way (for error reports)
+        # Each result's values are on the host when it is yielded. The run loop turns
+        # this off: its writer thread waits for them (BatchResult.wait), so on a GPU the
+        # next batch computes while the copies of this one are on their way.
+        self.wait_for_host = True
 
     def preflight(self) -> None:
         """Check what can be checked before any forward pass (see `preflight`)."""
@@ -238,7 +252,8 @@ class Engine:
         finally:
             self._state = None
         n = len(chunk)  # the auxiliary source rows come last and are not results
-        return BatchResult(
+        result = BatchResult(
+            ready=copies_done(self.device),
             prompt_ids=[r.prompt for r in chunk],
             texts=batch.texts[:n],
             token_ids=batch.token_ids[:n],
@@ -251,6 +266,9 @@ class Engine:
             metrics=metrics,
             token_texts=None if self._rows is None else _token_texts(self.tokenizer, batch, n),
         )
+        if self.wait_for_host:
+            result.wait()
+        return result
 
     def _source_rows(self, chunk: list[PromptRow]) -> list[PromptRow]:
         """Rows the chunk's edits read that are not in it (and what those read, in turn)."""
@@ -493,7 +511,7 @@ class Engine:
                 )
                 fill = float("nan") if values.is_floating_point() else -1
                 values = torch.where(alive, values, torch.full_like(values, fill))
-            out[key] = MetricBatch(data=values.to("cpu"), rows=[batch.ids[r] for r in rows])
+            out[key] = MetricBatch(data=to_host(values), rows=[batch.ids[r] for r in rows])
         return out
 
 
@@ -569,10 +587,10 @@ def _stack_steps(
 def _to_host(save: SaveBatch) -> SaveBatch:
     """The same save with its tensors on the host: one transfer per tensor per batch."""
     return SaveBatch(
-        data=save.data.to("cpu"),
+        data=to_host(save.data),
         prompt_ids=save.prompt_ids,
-        counts=None if save.counts is None else save.counts.to("cpu"),
-        extra={k: v.to("cpu") for k, v in save.extra.items()},
+        counts=None if save.counts is None else to_host(save.counts),
+        extra={k: to_host(v) for k, v in save.extra.items()},
     )
 
 

@@ -9,13 +9,18 @@ One whose disk fills up leaves nothing (see `_faults`).
 Every dataset's leading axes are the sweep's (none without a sweep), then
 `prompt`; each batch row is written to the (point, prompt) slots its plan gives
 it, so a row shared by many sweep points is computed once and written to each.
+A save whose token axis is ragged (`tokens: all`, slices) is stored packed by
+default: only real tokens, on one flat axis with per-prompt offsets (`_packed`).
+Batches are merged before they are written (`_buffer`): few, big HDF5 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +31,7 @@ import h5py
 import numpy as np
 
 from nnrun.errors import NnrunError, OutputError
+from nnrun.store._buffer import merge_results, result_bytes
 from nnrun.store._faults import (
     abandon_hdf5,
     check_room,
@@ -35,6 +41,7 @@ from nnrun.store._faults import (
 )
 from nnrun.store._meta import PromptMeta
 from nnrun.store._netcdf import add_netcdf_dimensions
+from nnrun.store._packed import flat_chunk, pack, unit_offsets
 from nnrun.store._paths import partial_path
 from nnrun.store._signals import signals_deferred
 from nnrun.store._text import storable_texts
@@ -45,9 +52,13 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 STR = h5py.string_dtype()
-_CHUNK_BYTES = (
-    1 << 20
-)  # chunks of about 1 MiB: big enough to write fast, small enough to read a slice
+# Chunks of about 1 MiB (never more than the data): big enough to write fast, small
+# enough to read a slice, and a small run's file stays about the size of its values.
+_CHUNK_BYTES = 1 << 20
+# Batches are kept and written together until one of these is reached (see _buffer).
+_FLUSH_BYTES = 4 << 20
+_FLUSH_ROWS = 1024
+_FLUSH_SECONDS = 2.0
 
 # Point status in /sweep/status.
 PENDING, DONE, FAILED = 0, 1, 2
@@ -94,6 +105,7 @@ class OutputWriter:
         sweep: SweepLayout | None = None,
         resume: bool = False,
         prompt_meta: Callable[[], Iterator[tuple[str, dict[str, Any]]]] | None = None,
+        expected_rows: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
@@ -116,6 +128,14 @@ class OutputWriter:
         # Extra fields of a JSONL prompt file, kept under /prompts/meta (see _meta.py);
         # a sweep streams the same file for every point, so they are kept once.
         self.meta = PromptMeta(prompt_meta) if prompt_meta is not None and sweep is None else None
+        # Streamed prompts: how many there will be (sizes the chunks of growing axes).
+        self.expected_rows = expected_rows if prompt_ids is None else len(prompt_ids)
+        # Batches not written yet (see _buffer), their bytes, and when the first came.
+        self._pending: list[BatchResult] = []
+        self._pending_bytes = 0
+        self._pending_since = 0.0
+        # Packed saves: the next free index of each (dataset, point)'s flat axis.
+        self._flat_next: dict[tuple[str, int], int] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -149,6 +169,15 @@ class OutputWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.file is None:  # abandoned after a failed write: nothing left to finish
             return
+        if exc_type is None:
+            self.flush()
+        elif not isinstance(exc, OutputError):
+            # Batches computed before an interrupt or a failing batch still go in the
+            # partial file; if that cannot be done, the file holds what it holds.
+            with contextlib.suppress(Exception):
+                self.flush()
+            if self.file is None:  # the flush failed to write and gave the file up
+                return
         try:
             self._finish_axes()
             count = len(self.prompt_ids or ()) or self.appended.get("prompts", 0)
@@ -220,6 +249,7 @@ class OutputWriter:
 
     def register(self, plan: Plan) -> None:
         """Learn a plan's save and metric variants and where each of its rows goes."""
+        self.flush()  # batches taken so far belong to the previous plan's layouts
         for layout in plan.saves:
             self.saves[layout.variant] = layout
         for metric in plan.metrics:
@@ -238,9 +268,49 @@ class OutputWriter:
     # -- writing -------------------------------------------------------------
 
     def write(self, result: BatchResult) -> None:
-        """Write one micro-batch: its prompts, each save's and each metric's values."""
-        # Before HDF5 is asked to write anything it may fail to write (see _faults).
-        check_room(self.tmp_path, _batch_bytes(result))
+        """Take one micro-batch: its prompts, each save's and each metric's values.
+
+        Batches are written a few at a time (see `flush`); `mark_points` and the end
+        of the run write whatever is left first.
+        """
+        wait = getattr(result, "wait", None)
+        if wait is not None:  # values still on their way from the GPU
+            wait()
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(result)
+        self._pending_bytes += result_bytes(result)
+        rows = sum(len(r.rows or r.prompt_ids) for r in self._pending)
+        if (
+            self._pending_bytes >= _FLUSH_BYTES
+            or rows >= _FLUSH_ROWS
+            or time.monotonic() - self._pending_since >= _FLUSH_SECONDS
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the batches taken so far, as one."""
+        if not self._pending or self.file is None:
+            self._pending = []
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        axes = {key: layout.token_axis for key, layout in self.saves.items()}
+        result = merge_results(pending, axes)
+        try:
+            # Before HDF5 is asked to write anything it may fail to write (see _faults).
+            check_room(self.tmp_path, _batch_bytes(result))
+        except OutputError:
+            if len(pending) == 1:
+                raise
+            # Short of room for them all: as many as fit go in, one by one.
+            for one in pending:
+                self._pending = [one]
+                self.flush()
+            return
+        del pending
+        self._write_checked(result)
+
+    def _write_checked(self, result: BatchResult) -> None:
         with quiet_failed_closes():
             try:
                 self._write(result)
@@ -280,6 +350,7 @@ class OutputWriter:
 
     def mark_points(self, done: list[int], failed: dict[int, str] | None = None) -> None:
         """Record points as written (resume skips them) or failed, with their error."""
+        self.flush()  # a point is done only once its rows are in the file
         if self.file is None or "sweep" not in self.file:
             return
         group = self.file["sweep"]
@@ -328,6 +399,9 @@ class OutputWriter:
         targets: list[list[tuple[int, int]]],
     ) -> None:
         data, torch_dtype = _to_numpy(tensor)
+        if is_packed(layout):
+            self._write_packed(name, layout, data, save, targets, torch_dtype)
+            return
         token_axis = layout.token_axis  # in data (R, [L], [S], T, ...)
         ragged = save.counts is not None
         saves = self.file["saves"]
@@ -352,6 +426,57 @@ class OutputWriter:
                 lengths[where[:-1] + block] = counts[start:stop]
             if name == layout.name:
                 self._append_labels(layout.name, block, save.prompt_ids[start:stop])
+
+    def _write_packed(
+        self,
+        name: str,
+        layout: SaveLayout,
+        data: np.ndarray,
+        save: SaveBatch,
+        targets: list[list[tuple[int, int]]],
+        torch_dtype: str,
+    ) -> None:
+        """Append each row's real tokens to its point's flat axis; record offsets, lengths."""
+        token_axis = layout.token_axis
+        stepped = layout.steps is not None
+        if save.counts is not None:
+            counts = save.counts.numpy()
+        else:  # a fixed selection stored packed on request: every slot is real
+            counts = np.full(
+                (data.shape[0], *([data.shape[token_axis - 1]] if stepped else [])),
+                data.shape[token_axis],
+            )
+        flat, counts = pack(data, counts, layered=layout.layered, stepped=stepped)
+        starts = np.concatenate([[0], np.cumsum(counts.reshape(len(counts), -1).sum(axis=1))])
+        saves = self.file["saves"]
+        width = data.shape[token_axis]
+        if name not in saves:
+            per_row = float(starts[-1]) / max(len(counts), 1)
+            self._create_packed(name, flat, layout, torch_dtype, width, per_row)
+        ds = saves[name]
+        if width > int(ds.attrs["padded_width"]):
+            ds.attrs["padded_width"] = width
+        n = len(self.lead)
+        group = self.file["axes"][layout.name]
+        for (start, stop), (point, slot) in _runs(targets):
+            lo, hi = int(starts[start]), int(starts[stop])
+            base = self._flat_next.get((name, point), 0)
+            self._flat_next[(name, point)] = base + hi - lo
+            if base + hi - lo > ds.shape[n]:
+                ds.resize(base + hi - lo, axis=n)
+            where = self._dest(point, slot)
+            if hi > lo:
+                ds[where[:-1] + (slice(base, base + hi - lo),)] = flat[lo:hi]
+            if name != layout.name:  # a companion (topk indices) shares the save's offsets
+                continue
+            block = (slice(where[-1], where[-1] + stop - start),)
+            for column, values in (
+                ("offset", unit_offsets(base, counts[start:stop])),
+                ("length", counts[start:stop]),
+            ):
+                self._ensure_rows(group[column], slot + stop - start)
+                group[column][where[:-1] + block] = values
+            self._append_labels(layout.name, block, save.prompt_ids[start:stop])
 
     def _write_metric(
         self,
@@ -405,9 +530,59 @@ class OutputWriter:
             shape=shape,
             maxshape=tuple(maxshape),
             dtype=data.dtype,
-            chunks=_chunks(shape, data.dtype.itemsize, n),
+            chunks=_chunks(shape, data.dtype.itemsize, n, self.expected_rows),
             fillvalue=fill,
         )
+        self._describe_save(ds, layout, axes, torch_dtype, fill, ragged)
+        if name == layout.name:  # a companion dataset (topk indices) shares the save's axes
+            self._create_axes_group(layout, prompts, lengths=ragged, offsets=False)
+
+    def _create_packed(
+        self,
+        name: str,
+        flat: np.ndarray,
+        layout: SaveLayout,
+        torch_dtype: str,
+        width: int,
+        tokens_per_row: float,
+    ) -> None:
+        """A packed save: (sweep..., packed, [layer], value...) plus offsets and lengths."""
+        n = len(self.lead)
+        own = flat.shape[1:]  # ([L], *value)
+        value = own[1:] if layout.layered else own
+        names = self._own_axes(value, layout)
+        axes = [*self._lead_dims(), "packed", *(["layer"] if layout.layered else []), *names]
+        prompts = self._prompt_count(layout.prompts)
+        rows = prompts or self.expected_rows
+        expected = None if not rows else 1.25 * tokens_per_row * rows + 1
+        per_token = flat.dtype.itemsize * math.prod(own)
+        fill = np.nan if flat.dtype.kind == "f" else -1
+        ds = self.file["saves"].create_dataset(
+            name,
+            shape=(*self.lead, 0, *own),
+            maxshape=(*self.lead, None, *own),
+            dtype=flat.dtype,
+            chunks=(*(1,) * n, flat_chunk(per_token, expected, _CHUNK_BYTES), *own),
+            fillvalue=fill,
+        )
+        self._describe_save(ds, layout, axes, torch_dtype, fill, True)
+        ds.attrs["layout"] = "packed"
+        # What the reader gives back: the padded layout's axes and token width.
+        ds.attrs["padded_axes"] = json.dumps([*self._lead_dims(), *layout.leading_axes, *names])
+        ds.attrs["padded_width"] = width
+        ds.attrs["offsets"] = f"/axes/{layout.name}/offset"
+        if name == layout.name:
+            self._create_axes_group(layout, prompts, lengths=True, offsets=True)
+
+    def _describe_save(
+        self,
+        ds: h5py.Dataset,
+        layout: SaveLayout,
+        axes: list[str],
+        torch_dtype: str,
+        fill: Any,
+        ragged: bool,
+    ) -> None:
         ds.attrs["axes"] = json.dumps(axes)
         ds.attrs["save"] = layout.name
         ds.attrs["at"] = layout.at
@@ -419,25 +594,35 @@ class OutputWriter:
         ds.attrs["torch_dtype"] = torch_dtype
         ds.attrs["ragged"] = ragged
         ds.attrs["fill_value"] = fill
+        ds.attrs["layout"] = "padded"
         if ragged:
             ds.attrs["lengths"] = f"/axes/{layout.name}/length"
-        if name != layout.name:  # a companion dataset (topk indices) shares the save's axes
-            return
-        group = self.file["axes"].require_group(name)
+
+    def _create_axes_group(
+        self, layout: SaveLayout, prompts: int, *, lengths: bool, offsets: bool
+    ) -> None:
+        """/axes/<save>: prompt labels, real tokens per prompt (and packed offsets), layer
+        sites, steps and listed token positions."""
+        n = len(self.lead)
+        group = self.file["axes"].require_group(layout.name)
         self._prompt_labels(group, layout.prompts)
-        if ragged:
-            # (sweep..., prompt) or, when generating, (sweep..., prompt, step): real tokens
-            steps = () if layout.steps is None else (len(layout.steps),)
-            lead_max = (*self.lead, None if self.prompt_ids is None else prompts)
-            lengths = group.create_dataset(
-                "length",
-                shape=(*self.lead, prompts, *steps),
+        # (sweep..., prompt) or, when generating, (sweep..., prompt, step): real tokens
+        steps = () if layout.steps is None else (len(layout.steps),)
+        lead_max = (*self.lead, None if self.prompt_ids is None else prompts)
+        shape = (*self.lead, prompts, *steps)
+        columns = [("length", np.int32)] if lengths else []
+        if offsets:
+            columns.append(("offset", np.int64))
+        for column, dtype in columns:
+            ds = group.create_dataset(
+                column,
+                shape=shape,
                 maxshape=(*lead_max, *steps),
-                dtype=np.int32,
-                chunks=_chunks((*self.lead, max(prompts, 1), *steps), 4, n),
+                dtype=dtype,
+                chunks=_chunks(shape, np.dtype(dtype).itemsize, n, self.expected_rows),
             )
-            for i, axis in enumerate([*self._lead_dims(), "prompt", "step"][: lengths.ndim]):
-                lengths.dims[i].label = axis
+            for i, axis in enumerate([*self._lead_dims(), "prompt", "step"][: ds.ndim]):
+                ds.dims[i].label = axis
         if layout.steps is not None:
             group.create_dataset("step", data=np.array(layout.steps, dtype=np.int64))
         if layout.layered:
@@ -455,7 +640,7 @@ class OutputWriter:
             shape=shape,
             maxshape=(*self.lead, None if self.prompt_ids is None else prompts),
             dtype=dtype,
-            chunks=_chunks(shape, dtype.itemsize, len(self.lead)),
+            chunks=_chunks(shape, dtype.itemsize, len(self.lead), self.expected_rows),
             fillvalue=fill,
         )
         ds.attrs["axes"] = json.dumps([*self._lead_dims(), "prompt"])
@@ -521,14 +706,18 @@ class OutputWriter:
         n = len(self.lead)
         for column, dtype in (*columns, ("text", STR), ("length", np.int32)):
             group.create_dataset(
-                column, shape=lead, maxshape=lead_max, dtype=dtype, chunks=_chunks(lead, 16, n)
+                column,
+                shape=lead,
+                maxshape=lead_max,
+                dtype=dtype,
+                chunks=_chunks(lead, 16, n, self.expected_rows),
             )
         tokens = group.create_dataset(
             "input_ids" if ids else "ids",
             shape=(*lead, 1),
             maxshape=(*lead_max, None),
             dtype=np.int64,
-            chunks=_chunks((*lead, 64), 8, n),
+            chunks=_chunks((*lead, 64), 8, n, self.expected_rows),
             fillvalue=-1,
         )
         tokens.attrs["fill_value"] = -1
@@ -686,17 +875,28 @@ def _runs(
     return out
 
 
-def _chunks(shape: tuple[int, ...], itemsize: int, lead: int) -> tuple[int, ...]:
+def is_packed(layout: Any) -> bool:
+    """Whether a save is stored packed: on request, or by default when its token axis is
+    ragged (`tokens: all`, a slice, `find`); a listed selection is exact when padded."""
+    choice = getattr(layout, "layout", None) or "auto"
+    return choice == "packed" or (choice == "auto" and layout.tokens.kind != "list")
+
+
+def _chunks(
+    shape: tuple[int, ...], itemsize: int, lead: int, grow: int | None = None
+) -> tuple[int, ...]:
     """About 1 MiB chunks: whole trailing axes, then prompts, then sweep points.
 
     Axes are filled from the prompt axis outwards (`lead` is its index) while the
     chunk stays under the target; once an axis does not fit whole, outer ones get 1.
+    A growing prompt axis (size 0 when created) is sized for `grow` rows when the run
+    knows how many it will write, so a small run never allocates a big chunk.
     """
     chunk = [max(1, d) for d in shape]
     size = itemsize * math.prod(chunk[lead + 1 :])
     whole = True
     for axis in range(lead, -1, -1):
-        extent = shape[axis] if shape[axis] > 0 else 4096  # a growing axis: room to grow
+        extent = shape[axis] if shape[axis] > 0 else (grow or 4096)  # a growing axis
         take = max(1, min(extent, _CHUNK_BYTES // max(size, 1))) if whole else 1
         chunk[axis] = take
         size *= take
