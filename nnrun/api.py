@@ -59,6 +59,7 @@ def run(
     from nnrun.engine._batch import iter_prompt_meta
     from nnrun.spec import is_prompt_file, with_output
     from nnrun.store import OutputWriter, claim_output, input_files, output_path, provenance
+    from nnrun.store._provenance import git_state_later
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     check_size(loaded, yes)
@@ -69,6 +70,7 @@ def run(
     )
     loaded = with_output(loaded, str(target))
     with claim_output(target, overwrite=overwrite):
+        git = git_state_later()  # answered while the model loads
         runner = SweepRunner(
             loaded,
             done=done_points(loaded, target) if resume else None,
@@ -86,6 +88,7 @@ def run(
             int(first.get("seed", 0)),
             model.info.as_attrs(),
             str(model_device(model.model)),
+            git,
         )
         attrs["overrides"] = json.dumps(list(loaded.overridden.values()))
         points = [(p.label, p.data) for p in loaded.points()] if loaded.sweep else None
@@ -229,12 +232,18 @@ class PlanReport:
     plan: Any  # nnrun.compile.Plan
     prompt_count: int
     batches: int
-    save_shapes: dict[str, tuple[int, ...]]  # estimated full dataset shape per save
+    # Per save: the shape a reader gets back (the padded view) and the bytes the file
+    # stores (packed saves: real tokens only); see nnrun._estimate.
+    save_shapes: dict[str, tuple[int, ...]]
     save_bytes: dict[str, int]
     model_name: str
     groups: list[GroupReport] = field(default_factory=list)
     metric_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     points: int = 1
+    save_layouts: dict[str, str] = field(default_factory=dict)  # packed | padded
+    # False: the estimate is an upper bound (prompt files; generation may stop early).
+    save_exact: dict[str, bool] = field(default_factory=dict)
+    passes: int = 1  # forward passes per batch (generation: one per new token)
 
 
 def plan(
@@ -252,21 +261,20 @@ def plan(
     """
     import math
 
-    import torch
-
+    from nnrun._estimate import estimate_saves
     from nnrun._run import SweepRunner
-    from nnrun.engine import count_prompts, make_batch
-    from nnrun.engine._apply import apply_steps
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     runner = SweepRunner(loaded, progress=None, log=log)
     model = runner.first_model()
     groups: list[GroupReport] = []
     compiled = None
+    packed_plans = []
     labels = {p.index: p.label for p in loaded.points()}
     for index, group in enumerate(runner.groups):
         before = dict(runner.state.failures)
         packed, _ = runner.prepare(index)
+        packed_plans.append(packed)
         compiled = compiled or packed
         failed = {labels[i]: m for i, m in runner.state.failures.items() if i not in before}
         rows = None if packed is None or packed.rows is None else len(packed.rows)
@@ -285,31 +293,8 @@ def plan(
             "no point of the sweep compiles: "
             + "; ".join(f"{k}: {v}" for g in groups for k, v in list(g.failed.items())[:3])
         )
-    count = count_prompts(compiled.prompts)
-    longest = 1
-    if compiled.prompts.inline:
-        batch = make_batch(
-            list(compiled.prompts.inline), model.tokenizer, torch.device("cpu"), left_pad=False
-        )
-        longest = batch.width
     lead = loaded.sweep.shape if loaded.sweep is not None else ()
-    modules = dict(model.model.named_modules())
-    shapes: dict[str, tuple[int, ...]] = {}
-    sizes: dict[str, int] = {}
-    for layout in compiled.saves:
-        if layout.name in shapes:
-            continue  # another variant of the same dataset
-        own = layout.value_shape or ()
-        tokens = len(layout.tokens.positions) if layout.tokens.kind == "list" else longest
-        sample = torch.zeros((1, 1, *own), dtype=model.model.dtype)
-        with torch.inference_mode():
-            out = apply_steps(layout.apply, sample, modules)
-        out = out["values"] if isinstance(out, dict) else out
-        rows = len(layout.prompts) if layout.prompts is not None else count
-        shape = (*lead, rows) + ((len(layout.sites),) if layout.layered else ()) + (tokens,)
-        shape += tuple(out.shape[2:])
-        shapes[layout.name] = shape
-        sizes[layout.name] = math.prod(shape) * out.element_size()
+    estimates, count = estimate_saves([p for p in packed_plans if p is not None], model, lead)
     metric_shapes = {
         m.name: (*lead, len(m.prompts) if m.prompts is not None else count)
         for m in compiled.metrics
@@ -318,12 +303,15 @@ def plan(
         plan=compiled,
         prompt_count=count,
         batches=sum(g.batches or 0 for g in groups) or math.ceil(count / compiled.batch_size),
-        save_shapes=shapes,
-        save_bytes=sizes,
+        save_shapes={name: e.shape for name, e in estimates.items()},
+        save_bytes={name: e.bytes for name, e in estimates.items()},
         model_name=model.info.name,
         groups=groups,
         metric_shapes=metric_shapes,
         points=len(loaded.points()),
+        save_layouts={name: e.layout for name, e in estimates.items()},
+        save_exact={name: e.exact for name, e in estimates.items()},
+        passes=int(compiled.generate["max_new_tokens"]) if compiled.generate else compiled.passes,
     )
 
 

@@ -159,7 +159,6 @@ def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
         return
     from rich.progress import (
         BarColumn,
-        MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeElapsedColumn,
@@ -169,14 +168,15 @@ def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
-        MofNCompleteColumn(),
+        # Rows done of rows in all, once rows run (not "0/?" while the model loads).
+        TextColumn("{task.fields[count]}"),
         TextColumn("{task.fields[points]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
     ) as bar:
-        task = bar.add_task("loading model ...", total=None, points="")
+        task = bar.add_task("loading model ...", total=None, points="", count="")
 
         def progress(state: Any) -> None:
             points = ""
@@ -184,13 +184,18 @@ def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
                 points = f"points {state.points_done}/{state.points_total}"
                 if state.points_failed:
                     points += f" ({state.points_failed} failed)"
-            description = "rows" if state.stage == "running" else f"{state.stage} ..."
+            running = state.stage == "running"
+            count = ""
+            if running or state.rows_done:
+                total = "?" if state.rows_total is None else f"{state.rows_total}"
+                count = f"{state.rows_done}/{total}"
             bar.update(
                 task,
                 completed=state.rows_done,
-                total=state.rows_total,
-                description=description,
+                total=state.rows_total if running or state.rows_done else None,
+                description="rows" if running else f"{state.stage} ...",
                 points=points,
+                count=count,
             )
 
         def log(message: str) -> None:
@@ -288,13 +293,22 @@ def plan(
     if len(rows) > _MAX_PLAN_ROWS:
         console.print(f"[dim]... and {len(rows) - _MAX_PLAN_ROWS} more actions[/dim]")
     layout = Table(title="output", show_header=True)
-    for column in ("dataset", "estimated shape", "estimated bytes"):
+    for column in ("dataset", "estimated shape", "layout", "estimated bytes"):
         layout.add_column(column)
+    bound = False
     for name, shape in report.save_shapes.items():
-        layout.add_row(f"saves/{name}", str(shape), f"{report.save_bytes[name]:,}")
+        exact = report.save_exact.get(name, True)
+        bound = bound or not exact
+        size = f"{'' if exact else '<= '}{report.save_bytes[name]:,}"
+        layout.add_row(f"saves/{name}", str(shape), report.save_layouts.get(name, ""), size)
     for name, shape in report.metric_shapes.items():
-        layout.add_row(f"metrics/{name}", str(shape), "")
+        layout.add_row(f"metrics/{name}", str(shape), "", "")
     console.print(layout)
+    if bound:
+        console.print(
+            "[dim]<= : an upper bound (prompts read from a file now, or generation, where a "
+            "prompt may stop early); shapes are the padded view a reader gets back[/dim]"
+        )
     if report.points > 1:
         groups = Table(title=f"sweep: {report.points} points in {len(report.groups)} group(s)")
         for column in ("group", "points", "batch rows", "passes", "why separate"):
@@ -319,7 +333,7 @@ def plan(
         )
         console.print(
             f"{report.prompt_count} prompts in {report.batches} batch(es) of up to "
-            f"{compiled.batch_size}{sources}; {compiled.passes} forward pass per batch; "
+            f"{compiled.batch_size}{sources}; {_passes(report.passes, compiled.generate)}; "
             f"about {sum(report.save_bytes.values()):,} bytes to {compiled.output}"
         )
     for warning in compiled.warnings:
@@ -327,6 +341,12 @@ def plan(
 
 
 _MAX_PLAN_ROWS = 80
+
+
+def _passes(passes: int, generate: dict | None) -> str:
+    if generate:  # the prompt pass makes the first new token, each later pass one more
+        return f"{passes} forward pass{'es' if passes != 1 else ''} per batch (generation)"
+    return f"{passes} forward pass{'es' if passes != 1 else ''} per batch"
 
 
 @app.command()

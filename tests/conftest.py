@@ -64,3 +64,45 @@ def gemma3_dir() -> Path:
 
     publish_once(target, build)
     return target
+
+
+# Overrides that fit a spec to the 3-layer tiny Llama (its layer variables point past 2).
+TINY_OVERRIDES = {
+    "ablation": ["mlp_layer=0", "attn_layer=2"],
+    "activation-patching": ["sweep.layer=[0, 1]", "sweep.pos=[4, 5]"],
+    "steering-sweep": [
+        "layer=1",
+        "metrics.positive.logprob=' Paris'",
+        "metrics.negative.logprob=' Berlin'",
+    ],
+    "steering-source": ["layer=1"],
+    "steering": ["layer=1"],
+    "steering-generation": ["layer=1"],
+}
+
+
+@pytest.fixture(scope="session")
+def spec_runs(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, list[str], Path]]:
+    """Every spec in specs/ and examples/ run once on tiny Llama, one torch thread:
+    name -> (spec file, the overrides it ran with, its output file)."""
+    from helpers import one_torch_thread
+
+    import nnrun
+
+    root = Path(__file__).resolve().parents[1]
+    out_dir = tmp_path_factory.mktemp("spec-outputs")
+    specs = sorted([*(root / "specs").glob("*.yaml"), *(root / "examples").glob("*.yaml")])
+    # steering*.yaml read the vector that steering-source.yaml writes: run that first.
+    specs.sort(key=lambda p: p.stem != "steering-source")
+    runs: dict[str, tuple[Path, list[str], Path]] = {}
+    with one_torch_thread():
+        for spec in specs:
+            overrides = [f"model={{path: '{tiny_llama}'}}", *TINY_OVERRIDES.get(spec.stem, [])]
+            if spec.stem in ("steering", "steering-generation", "steering-sweep"):
+                overrides.append(f"source={runs['steering-source'][2]}")
+            out = out_dir / f"{spec.stem}.h5"
+            assert nnrun.run(spec, overrides, output=out).status == "complete"
+            runs[spec.stem] = (spec, overrides, out)
+    return runs

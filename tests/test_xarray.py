@@ -17,19 +17,6 @@ import nnrun
 xr = pytest.importorskip("xarray")
 
 ROOT = Path(__file__).resolve().parents[1]
-# Overrides that fit a spec to the 3-layer tiny Llama (its layer variables point past 2).
-TINY = {
-    "ablation": ["mlp_layer=0", "attn_layer=2"],
-    "activation-patching": ["sweep.layer=[0, 1]", "sweep.pos=[4, 5]"],
-    "steering-sweep": [
-        "layer=1",
-        "metrics.positive.logprob=' Paris'",
-        "metrics.negative.logprob=' Berlin'",
-    ],
-    "steering-source": ["layer=1"],
-    "steering": ["layer=1"],
-    "steering-generation": ["layer=1"],
-}
 
 
 @pytest.fixture(autouse=True)
@@ -39,21 +26,9 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def spec_outputs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def spec_outputs(spec_runs: dict[str, tuple[Path, list[str], Path]]) -> dict[str, Path]:
     """Every spec in specs/ and examples/ run on tiny Llama: name -> output file."""
-    out_dir = tmp_path_factory.mktemp("spec-outputs")
-    specs = sorted([*(ROOT / "specs").glob("*.yaml"), *(ROOT / "examples").glob("*.yaml")])
-    # steering*.yaml read the vector that steering-source.yaml writes: run that first.
-    specs.sort(key=lambda p: p.stem != "steering-source")
-    outputs = {}
-    for spec in specs:
-        overrides = [f"model={{path: '{tiny_llama}'}}", *TINY.get(spec.stem, [])]
-        if spec.stem in ("steering", "steering-generation", "steering-sweep"):
-            overrides.append(f"source={outputs['steering-source']}")
-        out = out_dir / f"{spec.stem}.h5"
-        assert nnrun.run(spec, overrides, output=out).status == "complete"
-        outputs[spec.stem] = out
-    return outputs
+    return {name: out for name, (_, _, out) in spec_runs.items()}
 
 
 def test_every_spec_output_opens_with_xarray(spec_outputs: dict[str, Path]) -> None:

@@ -188,7 +188,7 @@ class Engine:
         self._positions = _max_positions(model)
         self.operands = OperandCache()
         self._state: _BatchState | None = None
-        self._rows, self._by_row, self._always, self._indices = _prepared(plan)
+        self._rows, self._by_row, self._always, self._indices, self._batches = _prepared(plan)
         self.current_rows: list[str] = []  # the rows of the batch under way (for error reports)
         # Each result's values are on the host when it is yielded. The run loop turns
         # this off: its writer thread waits for them (BatchResult.wait), so on a GPU the
@@ -222,18 +222,7 @@ class Engine:
         extra = self._source_rows(chunk)
         rows = chunk + extra
         self.current_rows = [r.key for r in rows]
-        batch = make_batch(
-            [(r.key, r.text) for r in rows],
-            self.tokenizer,
-            self.device,
-            left_pad=self.left_pad,
-            aux=[False] * len(chunk) + [True] * len(extra),
-            prompt_ids=[r.prompt for r in rows],
-        )
-        new_tokens = self._max_steps if self.plan.generate else 0
-        check_batch_lengths(
-            batch.ids, [len(t) for t in batch.token_ids], self._positions, new_tokens
-        )
+        batch = self._batch(chunk, extra)
         state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed, self._indices))
         state.active = set(self._always)
         for key in batch.ids:
@@ -269,6 +258,36 @@ class Engine:
         if self.wait_for_host:
             result.wait()
         return result
+
+    def _batch(self, chunk: list[PromptRow], extra: list[PromptRow]) -> Batch:
+        """The rows tokenized and padded; a plan's inline rows once per plan and device.
+
+        A notebook loop or a sweep runs the same rows again and again, and tokenizing
+        costs about what a small model's pass does. Batches are never changed in place.
+        """
+        rows = chunk + extra
+        key = None
+        if self._rows is not None:  # inline rows: the same keys are the same texts
+            key = (tuple(r.key for r in rows), len(chunk), self.device, self.left_pad)
+            if key in self._batches:
+                return self._batches[key]
+        batch = make_batch(
+            [(r.key, r.text) for r in rows],
+            self.tokenizer,
+            self.device,
+            left_pad=self.left_pad,
+            aux=[False] * len(chunk) + [True] * len(extra),
+            prompt_ids=[r.prompt for r in rows],
+        )
+        new_tokens = self._max_steps if self.plan.generate else 0
+        check_batch_lengths(
+            batch.ids, [len(t) for t in batch.token_ids], self._positions, new_tokens
+        )
+        if key is not None:
+            if len(self._batches) >= _CACHED_BATCHES:
+                self._batches.pop(next(iter(self._batches)))
+            self._batches[key] = batch
+        return batch
 
     def _source_rows(self, chunk: list[PromptRow]) -> list[PromptRow]:
         """Rows the chunk's edits read that are not in it (and what those read, in turn)."""
@@ -500,8 +519,10 @@ class Engine:
         state = self._state
         assert state is not None
         out: dict[str, MetricBatch] = {}
-        steps = {m.key: m.step for actions in self.plan.sites for m in actions.metrics}
+        steps = None
         for key, parts in state.metrics.items():
+            if steps is None:
+                steps = {m.key: m.step for actions in self.plan.sites for m in actions.metrics}
             values = torch.cat([v for v, _ in parts])  # (R,)
             rows = torch.cat([r for _, r in parts]).tolist()
             if generated is not None and steps[key] > 0:
@@ -638,6 +659,8 @@ def _max_positions(model: nn.Module) -> int | None:
 
 
 _PREPARED: dict[int, tuple[weakref.ref, Any]] = {}
+# Tokenized batches a plan keeps at most (see Engine._batch).
+_CACHED_BATCHES = 64
 
 
 def _prepared(plan: Plan) -> tuple[Any, ...]:
@@ -648,9 +671,10 @@ def _prepared(plan: Plan) -> tuple[Any, ...]:
     if entry is not None and entry[0]() is plan:
         return entry[1]
     rows = _plan_rows(plan)
-    # Selections are worked out once per batch of rows; streamed prompts never repeat.
-    indices: dict[tuple, Any] | None = None if rows is None else {}
-    value = (rows, *_actions_by_row(plan), indices)
+    # Selections are worked out once per batch of rows, and kept (see token_index).
+    indices: dict[tuple, Any] = {}
+    batches: dict[tuple, Batch] = {}  # see Engine._batch
+    value = (rows, *_actions_by_row(plan), indices, batches)
     _PREPARED[key] = (weakref.ref(plan, lambda _ref: _PREPARED.pop(key, None)), value)
     return value
 

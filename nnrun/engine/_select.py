@@ -108,19 +108,21 @@ def token_index(
 
 
 # How many selections a plan keeps worked out (see `token_index`'s cache).
-_CACHED_INDICES = 256
+_CACHED_INDICES = 64
 
 
 def _cache_key(
     batch: Batch, prompts: frozenset[str] | None, tokens: TokenSelection, aux: bool, step: int
 ) -> tuple:
-    # Everything the index depends on; texts only where a `find` reads them.
+    # Everything the index depends on: row ids only where the selection names rows,
+    # texts only where a `find` reads them (so batches of streamed prompts of the same
+    # lengths share one entry).
     texts = tuple(batch.texts) if tokens.kind == "find" else None
     lengths = tuple(len(t) for t in batch.token_ids)
     offsets = tuple(batch.offset_list or batch.offsets.tolist())
     device = batch.input_ids.device
     return (
-        tuple(batch.ids),
+        None if prompts is None else tuple(batch.ids),
         lengths,
         offsets,
         tuple(batch.aux),

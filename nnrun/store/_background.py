@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any
 
 from nnrun.errors import NnrunError, OutputError
+from nnrun.store._buffer import result_bytes
 
-# Calls waiting for the writer at most (each holds one batch on the host).
+# Calls waiting for the writer at most (each holds a few batches on the host).
 QUEUE_DEPTH = 4
+# Batches are handed to the writer a few at a time, not one by one: waking a thread
+# costs about what a tiny model's pass does. A handover happens at whichever comes
+# first: this many rows, this many bytes, or the first batch waiting this long.
+HANDOVER_ROWS = 256
+HANDOVER_BYTES = 1 << 20
+HANDOVER_SECONDS = 0.25
 
 
 class BackgroundWriter:
@@ -30,31 +38,59 @@ class BackgroundWriter:
     >>> writer = BackgroundWriter(out)           # doctest: +SKIP
     >>> writer.write(result); writer.drain()      # doctest: +SKIP
     >>> writer.close()                            # doctest: +SKIP
+
+    Only primitives implemented in C are waited on in the run loop's thread (a simple
+    queue, plain locks): SIGINT raises `Interrupted` there at any moment, and a
+    `threading.Condition` interrupted half way can leave its lock held by no one.
     """
 
     def __init__(self, out: Any, depth: int = QUEUE_DEPTH) -> None:
         self.out = out
-        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue(depth)
+        self._items: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        # One token per call that may wait for the writer: taking one bounds the queue.
+        self._slots: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        for _ in range(depth):
+            self._slots.put(True)
         self._error: BaseException | None = None
-        self._discard = False  # skip what is still queued (after a failure)
+        self._discard = False  # skip what is still queued (after a second interrupt)
+        self._batches: list[Any] = []  # written by the run loop, not handed over yet
+        self._rows = self._bytes = 0
+        self._since = 0.0
         self._thread = threading.Thread(target=self._work, name="nnrun-writer", daemon=True)
         self._thread.start()
 
     # -- the run loop's side ---------------------------------------------------
 
     def register(self, plan: Any) -> None:
+        self._hand_over()
         self._put("register", plan)
 
     def write(self, result: Any) -> None:
-        self._put("write", result)
+        """Take one batch; it reaches the writer with the next few (see HANDOVER_*)."""
+        self._raise()
+        if not self._batches:
+            self._since = time.monotonic()
+        self._batches.append(result)
+        self._rows += len(result.rows or result.prompt_ids)
+        self._bytes += result_bytes(result)
+        if (
+            self._rows >= HANDOVER_ROWS
+            or self._bytes >= HANDOVER_BYTES
+            or time.monotonic() - self._since >= HANDOVER_SECONDS
+        ):
+            self._hand_over()
 
     def mark_points(self, done: list[int], failed: dict[int, str] | None = None) -> None:
+        self._hand_over()  # a point is marked after its rows
         self._put("mark_points", done, failed)
 
     def drain(self) -> None:
         """Wait until every call so far is made and its batches are in the file."""
-        self._put("flush")
-        self._queue.join()
+        self._hand_over()
+        done = threading.Lock()
+        done.acquire()
+        self._put("flush", done)
+        done.acquire()  # released by the writer once it got there
         self._raise()
 
     def close(self) -> None:
@@ -66,17 +102,28 @@ class BackgroundWriter:
         """
         if not self._thread.is_alive():
             return
+        if self._error is None and self._batches:
+            self._items.put(("write_all", (self._batches,)))  # never waits
+        self._batches = []
+        self._items.put(None)
         try:
-            self._queue.put(None)
             self._thread.join()
         except BaseException:
             self._discard = True
             self._thread.join()
             raise
 
+    def _hand_over(self) -> None:
+        if self._batches:
+            batches, self._batches = self._batches, []
+            self._rows = self._bytes = 0
+            self._put("write_all", batches)
+
     def _put(self, method: str, *args: Any) -> None:
         self._raise()
-        self._queue.put((method, args))  # waits while the queue is full
+        self._slots.get()  # waits while `depth` calls are queued
+        self._raise()
+        self._items.put((method, args))
 
     def _raise(self) -> None:
         error = self._error
@@ -97,14 +144,23 @@ class BackgroundWriter:
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._items.get()
+            if item is None:
+                return
+            method, args = item
             try:
-                if item is None:
-                    return
-                if self._error is None and not self._discard:
-                    method, args = item
+                if self._error is not None or self._discard:
+                    pass
+                elif method == "flush":
+                    self.out.flush()
+                elif method == "write_all":
+                    for result in args[0]:
+                        self.out.write(result)
+                else:
                     getattr(self.out, method)(*args)
             except BaseException as e:  # kept for the run loop, which raises it
                 self._error = e
             finally:
-                self._queue.task_done()
+                if method == "flush":
+                    args[0].release()
+                self._slots.put(True)

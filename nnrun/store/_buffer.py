@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
-
 
 def merge_results(results: list[Any], token_axes: dict[str, int]) -> Any:
     """One BatchResult holding the rows of `results`, in order.
@@ -24,6 +22,8 @@ def merge_results(results: list[Any], token_axes: dict[str, int]) -> Any:
     """
     if len(results) == 1:
         return results[0]
+    import torch  # only when batches are written: reading a file never needs it
+
     first = results[0]
 
     def joined(name: str) -> list[Any] | None:
@@ -60,6 +60,8 @@ def merge_results(results: list[Any], token_axes: dict[str, int]) -> Any:
 
 def _merge_saves(parts: list[Any], token_axis: int) -> Any:
     """One save's values over several batches: ragged token axes padded to the widest."""
+    import torch
+
     ragged = parts[0].counts is not None
     axis = token_axis if ragged else None
     return dataclasses.replace(
@@ -71,7 +73,9 @@ def _merge_saves(parts: list[Any], token_axis: int) -> Any:
     )
 
 
-def _cat(tensors: list[torch.Tensor], token_axis: int | None) -> torch.Tensor:
+def _cat(tensors: list[Any], token_axis: int | None) -> Any:
+    import torch
+
     if token_axis is None:
         return torch.cat(tensors)
     width = max(t.shape[token_axis] for t in tensors)

@@ -554,7 +554,9 @@ class OutputWriter:
         axes = [*self._lead_dims(), "packed", *(["layer"] if layout.layered else []), *names]
         prompts = self._prompt_count(layout.prompts)
         rows = prompts or self.expected_rows
-        expected = None if not rows else 1.25 * tokens_per_row * rows + 1
+        # An eighth of the expected tokens per chunk (up to ~1 MiB): a run that writes a
+        # little more or less than expected wastes little of its last chunk.
+        expected = None if not rows else max(1.0, tokens_per_row * rows / 8)
         per_token = flat.dtype.itemsize * math.prod(own)
         fill = np.nan if flat.dtype.kind == "f" else -1
         ds = self.file["saves"].create_dataset(
@@ -652,7 +654,8 @@ class OutputWriter:
 
     def _prompt_labels(self, group: h5py.Group, selected: tuple[str, ...] | None) -> None:
         if self.prompt_ids is None:
-            group.create_dataset("prompt", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
+            rows = min(1024, self.expected_rows or 1024)
+            group.create_dataset("prompt", shape=(0,), maxshape=(None,), dtype=STR, chunks=(rows,))
             return
         labels = [p for p in self.prompt_ids if selected is None or p in selected]
         group.create_dataset("prompt", data=np.array(labels, dtype=object), dtype=STR)
