@@ -179,29 +179,33 @@ def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
         task = bar.add_task("loading model ...", total=None, points="", count="")
 
         def progress(state: Any) -> None:
-            points = ""
-            if state.points_total > 1:
-                points = f"points {state.points_done}/{state.points_total}"
-                if state.points_failed:
-                    points += f" ({state.points_failed} failed)"
-            running = state.stage == "running"
-            count = ""
-            if running or state.rows_done:
-                total = "?" if state.rows_total is None else f"{state.rows_total}"
-                count = f"{state.rows_done}/{total}"
-            bar.update(
-                task,
-                completed=state.rows_done,
-                total=state.rows_total if running or state.rows_done else None,
-                description="rows" if running else f"{state.stage} ...",
-                points=points,
-                count=count,
-            )
+            bar.update(task, completed=state.rows_done, **progress_fields(state))
 
         def log(message: str) -> None:
             bar.console.print(f"[dim]{message}[/dim]")
 
         yield progress, log
+
+
+def progress_fields(state: Any) -> dict[str, Any]:
+    """What the progress bar shows for a RunProgress: no row count while the model loads
+    or the spec compiles ("loading model ...", not "0/?"), then rows done of rows in all."""
+    points = ""
+    if state.points_total > 1:
+        points = f"points {state.points_done}/{state.points_total}"
+        if state.points_failed:
+            points += f" ({state.points_failed} failed)"
+    counting = state.stage == "running" or state.rows_done > 0
+    count = ""
+    if counting:
+        total = "?" if state.rows_total is None else f"{state.rows_total}"
+        count = f"{state.rows_done}/{total}"
+    return {
+        "total": state.rows_total if counting else None,
+        "description": "rows" if state.stage == "running" else f"{state.stage} ...",
+        "points": points,
+        "count": count,
+    }
 
 
 @app.command()

@@ -715,3 +715,24 @@ def test_each_model_loads_once_however_the_sweep_is_ordered(
     results = nnrun.run(spec, output=tmp_path / "o.h5")
     assert results.failed_points() == {} and len(loads) == 2
     nnrun.clear_cache()
+
+
+def test_a_swept_literal_operand_is_each_points_own(tiny_llama: Path, tmp_path: Path) -> None:
+    """`mul: ${alpha}` at one edit index: every point multiplies by its own alpha."""
+    spec = {
+        "nnrun": 1,
+        "model": {"path": str(tiny_llama)},
+        "batch_size": 8,
+        "prompts": dict(PROMPTS),
+        "sweep": {"alpha": [0.0, 2.0, -1.5]},
+        "edits": [{"at": "model.layers.0.output", "mul": "${alpha}", "prompts": ["clean"]}],
+        "save": {"h": {"at": "model.layers.0.output", "tokens": [-1]}},
+    }
+    swept = nnrun.run(spec, output=tmp_path / "sweep.h5").array("h")
+    clean = list(PROMPTS).index("clean")
+    for point, alpha in enumerate((0.0, 2.0, -1.5)):
+        alone = {**spec, "edits": [{**spec["edits"][0], "mul": alpha}]}
+        del alone["sweep"]
+        one = nnrun.run(alone, output=tmp_path / f"{point}.h5").array("h")
+        assert_same(swept[point], one, f"alpha={alpha}")
+    assert np.abs(swept[1, clean]).max() > 0  # not the first point's zeros

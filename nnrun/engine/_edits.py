@@ -33,8 +33,7 @@ class OperandCache:
     def host(self, edit: EditAction) -> torch.Tensor:
         """The operand of a literal or file value, on the host, as written or read."""
         operand = edit.operand
-        # Literal lists are not hashable: an edit's literal is keyed by its index.
-        key = operand if isinstance(operand, FileValue) else ("literal", edit.index)
+        key = _operand_key(edit)
         if key not in self._host:
             if isinstance(operand, FileValue):
                 self._host[key] = read_file_tensor(operand, edit.label)
@@ -50,11 +49,23 @@ class OperandCache:
 
     def on_device(self, edit: EditAction, like: torch.Tensor) -> torch.Tensor:
         """The operand in `like`'s dtype and on its device (converted once)."""
-        operand = edit.operand
-        key = (operand if isinstance(operand, FileValue) else edit.index, like.dtype, like.device)
+        key = (_operand_key(edit), like.dtype, like.device)
         if key not in self._device:
             self._device[key] = self.host(edit).to(device=like.device, dtype=like.dtype)
         return self._device[key]
+
+
+def _operand_key(edit: EditAction) -> Any:
+    """What an operand is cached under: the file, or the literal itself.
+
+    Not the edit's index alone: the points of a sweep share one plan, and their edit
+    at one index may each carry another literal (`mul: ${alpha}`).
+    """
+    operand = edit.operand
+    if isinstance(operand, FileValue):
+        return operand
+    assert isinstance(operand, LiteralValue)
+    return ("literal", repr(operand.data))  # lists are not hashable; their text is
 
 
 # An operand is a vector or a few; a dataset declaring more than this is a mistake (or a
