@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from nnrun.store._packed import PackedSave, concat_packed
+
 
 def merge_results(results: list[Any], token_axes: dict[str, int]) -> Any:
     """One BatchResult holding the rows of `results`, in order.
@@ -35,7 +37,10 @@ def merge_results(results: list[Any], token_axes: dict[str, int]) -> Any:
     saves: dict[str, Any] = {}
     for key in dict.fromkeys(k for r in results for k in r.saves):
         parts = [r.saves[key] for r in results if key in r.saves]
-        saves[key] = _merge_saves(parts, token_axes[key])
+        if isinstance(parts[0], PackedSave):  # packed on arrival: real tokens only
+            saves[key] = concat_packed(parts)
+        else:
+            saves[key] = _merge_saves(parts, token_axes[key])
     metrics: dict[str, Any] = {}
     for key in dict.fromkeys(k for r in results for k in r.metrics):
         parts = [r.metrics[key] for r in results if key in r.metrics]
@@ -93,9 +98,12 @@ def _cat(tensors: list[Any], token_axis: int | None) -> Any:
 
 
 def result_bytes(result: Any) -> int:
-    """The bytes a BatchResult's tensors hold (what the buffer keeps in memory)."""
+    """The bytes a BatchResult's values hold (what the buffer keeps in memory)."""
     total = 0
     for save in result.saves.values():
+        if isinstance(save, PackedSave):
+            total += save.values.nbytes + sum(v.nbytes for v in save.extra.values())
+            continue
         for tensor in (save.data, *save.extra.values()):
             total += tensor.numel() * tensor.element_size()
     return total

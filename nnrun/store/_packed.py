@@ -17,6 +17,7 @@ a few, reading only the flat range those prompts cover.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -101,3 +102,38 @@ def flat_chunk(per_token: int, expected: int | None, target: int) -> int:
     if expected is not None:
         fit = min(fit, max(1, math.ceil(expected)))
     return fit
+
+
+@dataclass
+class PackedSave:
+    """One save variant's rows of a batch (or of several), packed as they arrived.
+
+    The writer packs each batch when it takes it, so batches kept to be written
+    together hold real tokens only, never a batch padded to another batch's width.
+    """
+
+    values: np.ndarray  # (N, [L], *value): real tokens, row after row
+    counts: np.ndarray  # (R,) or (R, S): tokens of each unit
+    prompt_ids: list[str]  # the row key of each row
+    width: int  # the widest token axis of the padded batches (the padded view's width)
+    torch_dtype: str
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. topk indices
+
+    @property
+    def row_tokens(self) -> np.ndarray:
+        """(R,) tokens of each row over its steps."""
+        return self.counts.reshape(len(self.counts), -1).sum(axis=1)
+
+
+def concat_packed(parts: list[PackedSave]) -> PackedSave:
+    """Several batches' packed rows as one, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return PackedSave(
+        values=np.concatenate([p.values for p in parts]),
+        counts=np.concatenate([p.counts for p in parts]),
+        prompt_ids=[row for p in parts for row in p.prompt_ids],
+        width=max(p.width for p in parts),
+        torch_dtype=parts[0].torch_dtype,
+        extra={k: np.concatenate([p.extra[k] for p in parts]) for k in parts[0].extra},
+    )

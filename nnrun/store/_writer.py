@@ -17,6 +17,11 @@ Batches are merged before they are written (`_buffer`): few, big HDF5 writes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
@@ -41,7 +46,7 @@ from nnrun.store._faults import (
 )
 from nnrun.store._meta import PromptMeta
 from nnrun.store._netcdf import add_netcdf_dimensions
-from nnrun.store._packed import flat_chunk, pack, unit_offsets
+from nnrun.store._packed import PackedSave, flat_chunk, pack, unit_offsets
 from nnrun.store._paths import partial_path
 from nnrun.store._signals import signals_deferred
 from nnrun.store._text import storable_texts
@@ -134,8 +139,12 @@ class OutputWriter:
         self._pending: list[BatchResult] = []
         self._pending_bytes = 0
         self._pending_since = 0.0
-        # Packed saves: the next free index of each (dataset, point)'s flat axis.
+        # Packed saves: the next free index of each (dataset, point)'s flat axis, and
+        # the widest padded batch seen (the padded view's token width).
         self._flat_next: dict[tuple[str, int], int] = {}
+        self._widths: dict[str, int] = {}
+        # Groups and datasets by path: an h5py lookup costs more than a small write.
+        self._nodes: dict[str, Any] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -193,6 +202,7 @@ class OutputWriter:
             return
         try:
             # The point of no return: a signal now waits until the output is complete.
+            self._nodes.clear()
             with signals_deferred():
                 self.file.attrs["status"] = "complete"
                 self.file.close()
@@ -214,6 +224,7 @@ class OutputWriter:
 
     def _give_up(self, failure: BaseException, doing: str = "write") -> OutputError:
         """Remove a file HDF5 can no longer write (see `_faults`); the error to raise."""
+        self._nodes.clear()
         if self.file is not None:
             abandon_hdf5(self.file, self.tmp_path)
             self.file = None
@@ -226,6 +237,7 @@ class OutputWriter:
     def _close_partial(self, e: BaseException | None) -> None:
         """Close the file as it stands (status partial), or give it up if that fails."""
         assert self.file is not None
+        self._nodes.clear()
         try:
             if e is not None and "error" not in self.file.attrs:
                 self.file.attrs["error"] = f"{type(e).__name__}: {e}"
@@ -276,6 +288,7 @@ class OutputWriter:
         wait = getattr(result, "wait", None)
         if wait is not None:  # values still on their way from the GPU
             wait()
+        result = self._packed_on_arrival(result)
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(result)
@@ -287,6 +300,17 @@ class OutputWriter:
             or time.monotonic() - self._pending_since >= _FLUSH_SECONDS
         ):
             self.flush()
+
+    def _packed_on_arrival(self, result: BatchResult) -> BatchResult:
+        """The batch with each save stored packed already packed (see PackedSave)."""
+        packed = {}
+        for key, save in result.saves.items():
+            layout = self.saves.get(key)
+            if layout is not None and is_packed(layout) and not isinstance(save, PackedSave):
+                packed[key] = _pack_save(save, layout)
+        if not packed:
+            return result
+        return dataclasses.replace(result, saves={**result.saves, **packed})
 
     def flush(self) -> None:
         """Write the batches taken so far, as one."""
@@ -309,6 +333,8 @@ class OutputWriter:
             return
         del pending
         self._write_checked(result)
+        del result
+        release_memory()
 
     def _write_checked(self, result: BatchResult) -> None:
         with quiet_failed_closes():
@@ -326,11 +352,12 @@ class OutputWriter:
             dests = self._append("prompts", len(rows))
         else:
             dests = [self.prompt_targets[row] for row in rows]
+        prompts = self._node("prompts")
         self._write_token_rows(
-            self.file["prompts"], dests, result.token_ids, id=result.prompt_ids, text=result.texts
+            prompts, dests, result.token_ids, id=result.prompt_ids, text=result.texts
         )
         if self.meta is not None:
-            self.meta.append(self.file["prompts"], result.prompt_ids)
+            self.meta.append(prompts, result.prompt_ids)
         if result.token_texts is not None:
             self._write_token_texts(dests, result.token_texts)
         if result.generated is not None:
@@ -339,6 +366,11 @@ class OutputWriter:
         for key, save in result.saves.items():
             layout = self.saves[key]
             targets = self._targets(layout, save.prompt_ids)
+            if isinstance(save, PackedSave):
+                self._write_packed(layout.name, layout, save.values, save, targets)
+                for suffix, values in save.extra.items():
+                    self._write_packed(f"{layout.name}.{suffix}", layout, values, save, targets)
+                continue
             self._write_save(layout.name, layout, save.data, save, targets)
             for suffix, tensor in save.extra.items():
                 self._write_save(f"{layout.name}.{suffix}", layout, tensor, save, targets)
@@ -376,6 +408,18 @@ class OutputWriter:
         self.appended[name] = start + count
         return [[(self.point, start + i)] for i in range(count)]
 
+    def _node(self, path: str) -> Any:
+        """The group or dataset at `path` (kept: the file's objects never move)."""
+        found = self._nodes.get(path)
+        if found is None:
+            assert self.file is not None
+            found = self._nodes[path] = self.file[path]
+        return found
+
+    def _exists(self, path: str) -> bool:
+        assert self.file is not None
+        return path in self._nodes or path in self.file
+
     def _metric_names(self) -> set[str]:
         return {m.name for m in self.metrics.values()}
 
@@ -399,20 +443,18 @@ class OutputWriter:
         targets: list[list[tuple[int, int]]],
     ) -> None:
         data, torch_dtype = _to_numpy(tensor)
-        if is_packed(layout):
-            self._write_packed(name, layout, data, save, targets, torch_dtype)
-            return
         token_axis = layout.token_axis  # in data (R, [L], [S], T, ...)
         ragged = save.counts is not None
-        saves = self.file["saves"]
-        if name not in saves:
+        if not self._exists(f"saves/{name}"):
             self._create_save(name, data, layout, ragged, torch_dtype)
-        ds = saves[name]
+        ds = self._node(f"saves/{name}")
         n = len(self.lead)
         width = data.shape[token_axis]
         if width > ds.shape[n + token_axis]:
             ds.resize(width, axis=n + token_axis)
-        lengths = self.file["axes"][layout.name].get("length") if name == layout.name else None
+        lengths = None
+        if name == layout.name and self._exists(f"axes/{layout.name}/length"):
+            lengths = self._node(f"axes/{layout.name}/length")
         counts = save.counts.numpy() if ragged else None
         for (start, stop), (point, slot) in _runs(targets):
             self._ensure_rows(ds, slot + stop - start)
@@ -431,33 +473,22 @@ class OutputWriter:
         self,
         name: str,
         layout: SaveLayout,
-        data: np.ndarray,
-        save: SaveBatch,
+        flat: np.ndarray,
+        save: PackedSave,
         targets: list[list[tuple[int, int]]],
-        torch_dtype: str,
     ) -> None:
         """Append each row's real tokens to its point's flat axis; record offsets, lengths."""
-        token_axis = layout.token_axis
-        stepped = layout.steps is not None
-        if save.counts is not None:
-            counts = save.counts.numpy()
-        else:  # a fixed selection stored packed on request: every slot is real
-            counts = np.full(
-                (data.shape[0], *([data.shape[token_axis - 1]] if stepped else [])),
-                data.shape[token_axis],
-            )
-        flat, counts = pack(data, counts, layered=layout.layered, stepped=stepped)
-        starts = np.concatenate([[0], np.cumsum(counts.reshape(len(counts), -1).sum(axis=1))])
-        saves = self.file["saves"]
-        width = data.shape[token_axis]
-        if name not in saves:
+        counts = save.counts
+        starts = np.concatenate([[0], np.cumsum(save.row_tokens)])
+        if not self._exists(f"saves/{name}"):
             per_row = float(starts[-1]) / max(len(counts), 1)
-            self._create_packed(name, flat, layout, torch_dtype, width, per_row)
-        ds = saves[name]
-        if width > int(ds.attrs["padded_width"]):
-            ds.attrs["padded_width"] = width
+            # A companion (topk indices) is stored in its own dtype, as torch names it.
+            dtype = save.torch_dtype if name == layout.name else str(flat.dtype)
+            self._create_packed(name, flat, layout, dtype, save.width, per_row)
+        ds = self._node(f"saves/{name}")
+        if save.width > self._widths.setdefault(name, int(ds.attrs["padded_width"])):
+            ds.attrs["padded_width"] = self._widths[name] = save.width
         n = len(self.lead)
-        group = self.file["axes"][layout.name]
         for (start, stop), (point, slot) in _runs(targets):
             lo, hi = int(starts[start]), int(starts[stop])
             base = self._flat_next.get((name, point), 0)
@@ -474,8 +505,9 @@ class OutputWriter:
                 ("offset", unit_offsets(base, counts[start:stop])),
                 ("length", counts[start:stop]),
             ):
-                self._ensure_rows(group[column], slot + stop - start)
-                group[column][where[:-1] + block] = values
+                column_ds = self._node(f"axes/{layout.name}/{column}")
+                self._ensure_rows(column_ds, slot + stop - start)
+                column_ds[where[:-1] + block] = values
             self._append_labels(layout.name, block, save.prompt_ids[start:stop])
 
     def _write_metric(
@@ -500,7 +532,7 @@ class OutputWriter:
         """Streamed prompts: label the new rows of /axes/<name>/prompt with their ids."""
         if self.prompt_ids is not None:
             return  # fixed prompt axes are labelled when created
-        labels = self.file["axes"][name]["prompt"]
+        labels = self._node(f"axes/{name}/prompt")
         self._ensure_rows(labels, block[0].stop)
         labels[block] = rows
 
@@ -739,18 +771,21 @@ class OutputWriter:
         **columns: list[Any],
     ) -> None:
         """Write token rows (widening the padded matrix as needed) and their columns."""
-        tokens = group["input_ids" if "input_ids" in group else "ids"]
+        base = group.name.strip("/")
+        tokens = self._node(f"{base}/{'input_ids' if base == 'prompts' else 'ids'}")
         width = max(tokens.shape[-1], max((len(t) for t in rows), default=1))
         if width > tokens.shape[-1]:
             tokens.resize(width, axis=tokens.ndim - 1)
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         block = np.full((len(rows), width), -1, dtype=np.int64)
-        for row, toks in enumerate(rows):
-            block[row, : len(toks)] = toks
-        values = {**columns, "length": [len(t) for t in rows]}
+        flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
+        block[np.arange(width) < lengths[:, None]] = flat  # each row's ids, then -1
+        values = {**columns, "length": lengths}
         for (start, stop), (point, slot) in _runs(dests):
             where = self._dest(point, slot)
             index = where[:-1] + (slice(where[-1], where[-1] + stop - start),)
-            for ds in (tokens, *(group[name] for name in values)):
+            columns_ds = {name: self._node(f"{base}/{name}") for name in values}
+            for ds in (tokens, *columns_ds.values()):
                 self._ensure_rows(ds, slot + stop - start)
             tokens[index] = block[start:stop]
             flat = int(
@@ -760,7 +795,7 @@ class OutputWriter:
                 part = list(column[start:stop])
                 if name != "length":  # strings: keep any text HDF5 cannot hold exactly beside it
                     part = storable_texts(group, name, flat, part)
-                group[name][index] = part
+                columns_ds[name][index] = part
 
     def _write_token_texts(
         self, dests: list[list[tuple[int, int]]], texts: list[list[str]]
@@ -844,10 +879,61 @@ def read_partial(path: Path) -> dict[str, Any] | None:
         ) from None
 
 
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def release_memory() -> None:
+    """Give the memory of batches just written back to the system (glibc only).
+
+    Batches come and go in sizes of megabytes, and glibc raises its threshold for
+    giving such blocks back each time one is freed: without this, a long run's
+    resident memory creeps up by tens of megabytes before it settles.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _pack_save(save: SaveBatch, layout: SaveLayout) -> PackedSave:
+    """A save's rows of one batch, packed (see `_packed`)."""
+    data, torch_dtype = _to_numpy(save.data)
+    token_axis = layout.token_axis
+    stepped = layout.steps is not None
+    if save.counts is not None:
+        counts = save.counts.numpy()
+    else:  # a fixed selection stored packed on request: every slot is real
+        counts = np.full(
+            (data.shape[0], *([data.shape[token_axis - 1]] if stepped else [])),
+            data.shape[token_axis],
+        )
+    values, counts = pack(data, counts, layered=layout.layered, stepped=stepped)
+    extra = {
+        k: pack(_to_numpy(t)[0], counts, layered=layout.layered, stepped=stepped)[0]
+        for k, t in save.extra.items()
+    }
+    return PackedSave(
+        values=values,
+        counts=counts,
+        prompt_ids=list(save.prompt_ids),
+        width=data.shape[token_axis],
+        torch_dtype=torch_dtype,
+        extra=extra,
+    )
+
+
 def _batch_bytes(result: BatchResult) -> int:
     """About how many bytes a batch adds to the file (each save may also open a chunk)."""
     total = sum(len(t) * 8 for t in result.token_ids) + sum(len(t) * 4 for t in result.texts)
     for save in result.saves.values():
+        if isinstance(save, PackedSave):
+            nbytes = save.values.nbytes + sum(v.nbytes for v in save.extra.values())
+            total += 2 * nbytes + _CHUNK_BYTES
+            continue
         for tensor in (save.data, *save.extra.values()):
             nbytes = tensor.numel() * tensor.element_size()
             total += 2 * nbytes + _CHUNK_BYTES  # the values, and a chunk a batch may start
