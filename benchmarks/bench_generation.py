@@ -25,14 +25,25 @@ Not part of the test suite. Needs nnsight==0.8.1 (the `test` extra).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from _common import PROMPTS as ALL_PROMPTS
-from _common import engine_factory, plain_model, timed, versions
+from _common import (
+    Row,
+    device,
+    engine_factory,
+    format_table,
+    medians,
+    nnsight_model,
+    plain_model,
+    sync,
+    time_row,
+    versions,
+    write_rows,
+)
 
 # Four prompts of different lengths (the numbers in README.md were measured on these).
 PROMPTS = {k: ALL_PROMPTS[k] for k in ("france", "eiffel", "hi", "story")}
@@ -43,7 +54,7 @@ def spec(new_tokens: int) -> dict[str, Any]:
     return {
         "nnrun": 1,
         "name": "bench-generation",
-        "model": {"builtin": "smollm2-135m-instruct", "device": "cpu"},
+        "model": {"builtin": "smollm2-135m-instruct", "device": device()},
         "prompts": dict(PROMPTS),
         "batch_size": len(PROMPTS),
         "generate": {"max_new_tokens": new_tokens, "do_sample": False},
@@ -51,28 +62,18 @@ def spec(new_tokens: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per contender")
-    parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens")
-    args = parser.parse_args()
-    n = args.new_tokens
-
-    import nnsight
+def table(runs: int, quick: bool, new_tokens: int | None = None) -> list[Row]:
+    import h5py
 
     import nnrun
     from nnrun.models import builtin_checkpoint
 
+    n = new_tokens or (8 if quick else 16)
     path = str(builtin_checkpoint())
-    texts = list(PROMPTS.values())
-    print(
-        f"SmolLM2-135M-Instruct fp32 CPU, batch {len(texts)}, {n} new tokens greedy, "
-        f"{args.runs} runs after a warm-up"
-    )
-    print(versions())
-
-    # (a) plain transformers
+    texts = tuple(PROMPTS.values())
     model, tokenizer, batch = plain_model(path, texts)
+    model.to(device())
+    batch = {k: v.to(device()) for k, v in batch.items()}
 
     def plain() -> list[list[int]]:
         with torch.inference_mode():
@@ -81,34 +82,30 @@ def main() -> None:
             )
         return out[:, batch["input_ids"].shape[1] :].tolist()
 
-    # (b) nnrun through the public API, and the engine alone
     tmp = Path(tempfile.mkdtemp(prefix="nnrun-bench-"))
 
     def via_api() -> list[list[int]]:
-        import h5py
-
-        results = nnrun.run(spec(n), output=tmp / "bench.h5")
+        results = nnrun.run(spec(n), output=tmp / "bench.h5", overwrite=True)
         with h5py.File(results.path, "r") as f:
             return f["generation/ids"][()].tolist()
 
     new_engine = engine_factory(spec(n))
 
     def via_engine() -> list[list[int]]:
-        engine = new_engine()
-        (result,) = list(engine.run())
+        (result,) = list(new_engine().run())
         assert tuple(result.saves["last"].data.shape[:2]) == (len(texts), n)
         return result.generated
 
-    # (c) nnsight
-    oracle = nnsight.TransformersModel(path, task="text-generation", tokenizer=path, dispatch=True)
+    oracle = nnsight_model(path)
 
     def via_nnsight() -> list[list[int]]:
-        with oracle.generate(texts, max_new_tokens=n, do_sample=False) as tracer:
+        with oracle.generate(list(texts), max_new_tokens=n, do_sample=False) as tracer:
             hidden = list().save()
             for _ in tracer.iter[0:n]:
                 hidden.append(oracle.model.layers[-1].output[:, -1].save())
             ids = tracer.result.save()
         assert len(hidden) == n
+        sync()
         return ids[:, -n:].tolist()
 
     contenders = {
@@ -123,16 +120,26 @@ def main() -> None:
         got = fn()
         cut = [row[: len(g)] for row, g in zip(reference, got)]
         assert got == cut, f"{name} generated other tokens than plain generate"
+    found = medians(contenders, max(2, runs - 2) if quick else runs)
+    work = f"SmolLM2, generate {n} tokens for 4 prompts, last layer saved at every step"
+    return [
+        time_row(found, "smollm2", work, "nnrun-engine", "plain"),
+        time_row(found, "smollm2", work, "nnrun-engine", "nnsight", 1.00),
+        time_row(found, "smollm2", work, "nnrun", "plain", note="whole run: compile, file"),
+    ]
 
-    medians = {}
-    for name, times in timed(contenders, args.runs).items():
-        medians[name] = statistics.median(times)
-        spread = ", ".join(f"{t:.3f}" for t in times)
-        print(f"{name:>13}: median {medians[name]:.3f} s   ({spread})")
-    base = medians["plain"]
-    print()
-    for name in ("nnrun", "nnrun-engine", "nnsight"):
-        print(f"{name + '/plain':>19}: {medians[name] / base:.2f}x")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per contender")
+    parser.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", help="also write the rows to this file (for run.py)")
+    args = parser.parse_args()
+    print(versions())
+    rows = table(args.runs, args.quick, args.new_tokens)
+    write_rows(rows, args.json)
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Not part of the test suite. Needs nnsight==0.8.1 (the `test` extra).
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,16 @@ from typing import Any
 
 import torch
 import yaml
-from _common import timed, versions
+from _common import (
+    Row,
+    device,
+    format_table,
+    medians,
+    nnsight_model,
+    time_row,
+    versions,
+    write_rows,
+)
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
 POS, LAYERS = 3, 30  # " France" / " Germany": SmolLM2 adds no BOS
@@ -52,7 +60,7 @@ def spec(layers: Any = None) -> dict[str, Any]:
     return {
         "nnrun": 1,
         "name": "bench-sweep",
-        "model": {"builtin": "smollm2-135m-instruct", "device": "cpu"},
+        "model": {"builtin": "smollm2-135m-instruct", "device": device()},
         "batch_size": 32,
         "prompts": {"clean": CLEAN, "corrupt": CORRUPT},
         "sweep": {"layer": layers or {"range": [0, LAYERS]}},
@@ -68,17 +76,43 @@ def spec(layers: Any = None) -> dict[str, Any]:
     }
 
 
+def table(runs: int, quick: bool, layers: int | None = None) -> list[Row]:
+    """The sweep against its peers; with `quick`, over the first 10 layers only."""
+    count = layers or (10 if quick else LAYERS)
+    contenders, reference = _contenders(count)
+    for name, fn in contenders.items():
+        got = fn()
+        err = float((got - reference).abs().max())
+        assert err < 1e-4, f"{name} disagrees with plain hooks by {err:.1e}"
+    found = medians(contenders, runs)
+    work = f"SmolLM2 patching sweep over {count} layers, P(' Paris') per layer"
+    return [
+        time_row(found, "smollm2", work, "nnrun", "nnsight-one", 1.00, "one run, packed rows"),
+        time_row(found, "smollm2", work, "nnrun", "nnsight-loop", 1.00, "a loop of traces"),
+        time_row(found, "smollm2", work, "nnrun-engine", "hooks", note="one batched pass each"),
+        time_row(found, "smollm2", work, "nnrun-loop", "nnsight-loop", 1.00, "one run per layer"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per contender")
     parser.add_argument(
         "--processes", action="store_true", help="also time whole `nnrun run` processes"
     )
-    parser.add_argument("--quick", action="store_true", help="5 separate processes, not 30")
+    parser.add_argument("--quick", action="store_true", help="10 layers; 5 separate processes")
+    parser.add_argument("--json", help="also write the rows to this file (for run.py)")
     args = parser.parse_args()
+    print(versions())
+    rows = table(args.runs, args.quick)
+    write_rows(rows, args.json)
+    print(format_table(rows))
+    if args.processes:
+        processes(Path(tempfile.mkdtemp(prefix="nnrun-bench-sweep-")), quick=args.quick)
 
-    import nnsight  # after nnrun's plan dataclasses (nnsight adds `save` to every object)
 
+def _contenders(layers: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Every contender over the first `layers` layers, and the hooks' answer."""
     import nnrun
     from nnrun._run import cached_model
     from nnrun.compile import compile_plan
@@ -87,19 +121,14 @@ def main() -> None:
     from nnrun.spec import check_spec
 
     path = str(builtin_checkpoint())
-    print(
-        f"SmolLM2-135M-Instruct fp32 CPU: patch the country token at each of {LAYERS} layers, "
-        f"P(' Paris') on the corrupt prompt; {args.runs} runs"
-    )
-    print(versions())
     tmp = Path(tempfile.mkdtemp(prefix="nnrun-bench-sweep-"))
-    loaded = check_spec(spec())
+    loaded = check_spec(spec({"range": [0, layers]}))
 
     def via_nnrun() -> torch.Tensor:
         results = nnrun.run(loaded, output=tmp / "sweep.h5", overwrite=True)
         return torch.from_numpy(results.metric("p_paris")[:, 0])
 
-    singles = [check_spec(spec([layer])) for layer in range(LAYERS)]
+    singles = [check_spec(spec([layer])) for layer in range(layers)]
 
     def via_nnrun_loop() -> torch.Tensor:
         # A notebook loop: one nnrun.run per layer (the model stays loaded between calls).
@@ -122,7 +151,7 @@ def main() -> None:
 
     hf, tok = model.model, model.tokenizer
     paris = tok.encode(" Paris", add_special_tokens=False)[0]
-    ids = tok([CLEAN] + [CORRUPT] * LAYERS, return_tensors="pt")
+    ids = tok([CLEAN] + [CORRUPT] * layers, return_tensors="pt").to(hf.device)
 
     def via_hooks() -> torch.Tensor:
         def patch(layer: int):
@@ -133,20 +162,20 @@ def main() -> None:
 
             return hook
 
-        handles = [hf.model.layers[i].register_forward_hook(patch(i)) for i in range(LAYERS)]
+        handles = [hf.model.layers[i].register_forward_hook(patch(i)) for i in range(layers)]
         try:
             with torch.inference_mode():
                 logits = hf(**ids).logits[1:, -1]  # (layer, vocab)
         finally:
             for handle in handles:
                 handle.remove()
-        return torch.softmax(logits.float(), dim=-1)[:, paris]
+        return torch.softmax(logits.float(), dim=-1)[:, paris].cpu()
 
-    ns = nnsight.TransformersModel(path, task="text-generation", tokenizer=path, dispatch=True)
+    ns = nnsight_model(path)
 
     def via_nnsight_loop() -> torch.Tensor:
         found = []
-        for layer in range(LAYERS):
+        for layer in range(layers):
             with torch.no_grad(), ns.trace() as tracer:
                 shared: dict[str, Any] = {"barrier": tracer.barrier(2)}
                 with tracer.invoke(CLEAN):
@@ -162,12 +191,12 @@ def main() -> None:
     def via_nnsight_one() -> torch.Tensor:
         saved = []
         with torch.no_grad(), ns.trace() as tracer:
-            shared: dict[str, Any] = {"meet": [tracer.barrier(2) for _ in range(LAYERS)]}
+            shared: dict[str, Any] = {"meet": [tracer.barrier(2) for _ in range(layers)]}
             with tracer.invoke(CLEAN):
-                for layer in range(LAYERS):
+                for layer in range(layers):
                     shared[layer] = ns.model.layers[layer].output[:, POS].clone()
                     shared["meet"][layer]()
-            for layer in range(LAYERS):
+            for layer in range(layers):
                 with tracer.invoke(CORRUPT):
                     shared["meet"][layer]()
                     ns.model.layers[layer].output[:, POS] = shared[layer]
@@ -183,36 +212,7 @@ def main() -> None:
         "nnsight-one": via_nnsight_one,
         "nnsight-loop": via_nnsight_loop,
     }
-    reference = via_hooks()
-    for name, fn in contenders.items():
-        got = fn()
-        err = float((got - reference).abs().max())
-        assert err < 1e-4, f"{name} disagrees with plain hooks by {err:.1e}"
-    print(
-        f"P(' Paris') per layer agrees (1e-4); layer 0: {reference[0]:.3f}, layer 29: {reference[-1]:.3f}"
-    )
-
-    medians, cpu_medians = {}, {}
-    cpu: dict[str, list[float]] = {}
-    for name, times in timed(contenders, args.runs, cpu).items():
-        medians[name] = statistics.median(times)
-        cpu_medians[name] = statistics.median(cpu[name])
-        spread = ", ".join(f"{t:.3f}" for t in times)
-        print(
-            f"{name:>13}: median {medians[name]:.3f} s wall, {cpu_medians[name]:.3f} s CPU ({spread})"
-        )
-    print()
-    print("| contender | wall (s) | CPU (s) | CPU / hooks | nnrun faster by (wall) | (CPU) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, median in medians.items():
-        c = cpu_medians[name]
-        print(
-            f"| {name} | {median:.3f} | {c:.3f} | {c / cpu_medians['hooks']:.2f}x | "
-            f"{median / medians['nnrun']:.1f}x | {c / cpu_medians['nnrun']:.1f}x |"
-        )
-
-    if args.processes:
-        processes(tmp, quick=args.quick)
+    return contenders, via_hooks()
 
 
 def processes(tmp: Path, *, quick: bool) -> None:

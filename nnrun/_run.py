@@ -108,12 +108,14 @@ def write_output(
     *,
     resume: bool = False,
     attrs: dict[str, Any] | None = None,
+    git: Callable[[], tuple[str, bool]] | None = None,
 ) -> None:
     """Open the output file for `runner` and run every group into it.
 
     This is a local run (`nnrun.run`) and one shard of a distributed run alike. The
     first group is compiled before the file is opened, so a spec without a sweep that
-    does not compile leaves no file. `attrs` are added to the file's root attributes.
+    does not compile leaves no file. `attrs` are added to the file's root attributes;
+    `git` answers the git state asked for before the model loaded (`git_state_later`).
     """
     from functools import partial
 
@@ -129,6 +131,7 @@ def write_output(
         int(first.get("seed", 0)),
         model.info.as_attrs(),
         str(model_device(model.model)),
+        git,
     )
     root.update(run_attrs(loaded))
     # The attention kernel the run used: a pattern save may switch it to eager.
@@ -149,6 +152,7 @@ def write_output(
         sweep=sweep_layout(loaded),
         resume=resume,
         prompt_meta=meta,
+        expected_rows=runner.state.rows_total if streamed else None,
     ) as out:
         runner.run(out)
 
@@ -308,7 +312,7 @@ class SweepRunner:
         self.state = RunProgress(points_total=len(points), points_done=len(done))
         self.state.rows_total = self._rows_estimate(todo)
         self._prepared: dict[int, tuple[Any, Any]] = {}
-        self.out: Any = None  # nnrun.store.OutputWriter, once open
+        self.out: Any = None  # a BackgroundWriter over the open OutputWriter
 
     def first_model(self) -> Any:
         """The model of the first group to run (loaded once; the sweep reuses it)."""
@@ -324,15 +328,26 @@ class SweepRunner:
         return self._prepared[index]
 
     def run(self, out: Any) -> RunProgress:
-        """Run every group into the open output file `out`."""
-        self.out = out
-        if self.state.failures:  # found while preparing, before the file was open
-            out.mark_points([], dict(self.state.failures))
-        for index in range(len(self.groups)):
-            plan, model = self.prepare(index)
-            self._prepared.pop(index, None)
-            if plan is not None:
-                self._execute_plan(plan, model)
+        """Run every group into the open output file `out`.
+
+        The file is written on a thread of its own (`BackgroundWriter`): batch N is
+        written while batch N+1 computes. Whatever way the run ends, the writer has
+        made every call handed to it before `out` is closed.
+        """
+        from nnrun.store import BackgroundWriter
+
+        self.out = writer = BackgroundWriter(out)
+        try:
+            if self.state.failures:  # found while preparing, before the file was open
+                writer.mark_points([], dict(self.state.failures))
+            for index in range(len(self.groups)):
+                plan, model = self.prepare(index)
+                self._prepared.pop(index, None)
+                if plan is not None:
+                    self._execute_plan(plan, model)
+            writer.drain()
+        finally:
+            writer.close()
         self.state.stage = "done"
         self.report(self.state)
         return self.state
@@ -390,6 +405,7 @@ class SweepRunner:
 
         self.out.register(plan)
         engine = Engine(plan, model.model, model.tokenizer)
+        engine.wait_for_host = False  # the writer thread waits for each batch's copies
         self.state.stage = "running"
         self.report(self.state)
         self._execute(engine, plan)

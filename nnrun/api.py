@@ -67,6 +67,7 @@ def run(
     from nnrun._run import SweepRunner, check_size, done_points, write_output
     from nnrun.spec import with_output
     from nnrun.store import claim_output, output_path
+    from nnrun.store._provenance import git_state_later
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     check_size(loaded, yes)
@@ -91,6 +92,7 @@ def run(
             )
             run_ray(loaded, target, options, progress=progress, log=log, resume=resume)
             return load(target)
+        git = git_state_later()  # answered while the model loads
         runner = SweepRunner(
             loaded,
             done=done_points(loaded, target) if resume else None,
@@ -98,7 +100,7 @@ def run(
             log=log,
             cache=cache,
         )
-        write_output(loaded, target, runner, resume=resume)
+        write_output(loaded, target, runner, resume=resume, git=git)
     return load(target)
 
 
@@ -213,7 +215,9 @@ class PlanReport:
     plan: Any  # nnrun.compile.Plan
     prompt_count: int
     batches: int
-    save_shapes: dict[str, tuple[int, ...]]  # estimated full dataset shape per save
+    # Per save: the shape a reader gets back (the padded view) and the bytes the file
+    # stores (packed saves: real tokens only); see nnrun._estimate.
+    save_shapes: dict[str, tuple[int, ...]]
     save_bytes: dict[str, int]
     model_name: str
     groups: list[GroupReport] = field(default_factory=list)
@@ -224,6 +228,10 @@ class PlanReport:
     backward_bytes: int | None = None
     longest: int = 1  # tokens in the longest prompt (1 when unknown)
     backward_rows: int = 0  # the batch rows backward_bytes is for
+    save_layouts: dict[str, str] = field(default_factory=dict)  # packed | padded
+    # False: the estimate is an upper bound (prompt files; generation may stop early).
+    save_exact: dict[str, bool] = field(default_factory=dict)
+    passes: int = 1  # forward passes per batch (generation: one per new token)
 
 
 def plan(
@@ -241,21 +249,20 @@ def plan(
     """
     import math
 
-    import torch
-
+    from nnrun._estimate import estimate_saves
     from nnrun._run import SweepRunner
-    from nnrun.engine import count_prompts, make_batch
-    from nnrun.engine._apply import apply_steps
 
     loaded = spec if isinstance(spec, LoadedSpec) else check_spec(spec, overrides)
     runner = SweepRunner(loaded, progress=None, log=log)
     model = runner.first_model()
     groups: list[GroupReport] = []
     compiled = None
+    packed_plans = []
     labels = {p.index: p.label for p in loaded.points()}
     for index, group in enumerate(runner.groups):
         before = dict(runner.state.failures)
         packed, _ = runner.prepare(index)
+        packed_plans.append(packed)
         compiled = compiled or packed
         failed = {labels[i]: m for i, m in runner.state.failures.items() if i not in before}
         rows = None if packed is None or packed.rows is None else len(packed.rows)
@@ -274,44 +281,15 @@ def plan(
             "no point of the sweep compiles: "
             + "; ".join(f"{k}: {v}" for g in groups for k, v in list(g.failed.items())[:3])
         )
-    count = count_prompts(compiled.prompts)
-    longest = 1
-    if compiled.prompts.inline:
-        batch = make_batch(
-            list(compiled.prompts.inline), model.tokenizer, torch.device("cpu"), left_pad=False
-        )
-        longest = batch.width
-    elif compiled.backward is not None:  # the memory estimate needs the longest prompt
-        longest = _longest_prompt(compiled.prompts, model.tokenizer)
     lead = loaded.sweep.shape if loaded.sweep is not None else ()
-    modules = dict(model.model.named_modules())
-    shapes: dict[str, tuple[int, ...]] = {}
-    sizes: dict[str, int] = {}
-    for layout in compiled.saves:
-        if layout.name in shapes:
-            continue  # another variant of the same dataset
-        own = layout.value_shape or ()
-        if layout.kind == "pattern":  # (head, key): keys as long as the longest prompt
-            own = (_pattern_heads(layout, model.model), longest)
-        tokens = len(layout.tokens.positions) if layout.tokens.kind == "list" else longest
-        sample = torch.zeros((1, 1, *own), dtype=model.model.dtype)
-        with torch.inference_mode():
-            out = apply_steps(layout.apply, sample, modules)
-        out = out["values"] if isinstance(out, dict) else out
-        rows = len(layout.prompts) if layout.prompts is not None else count
-        shape = (*lead, rows) + ((len(layout.sites),) if layout.layered else ())
-        shape += (len(layout.steps),) if layout.steps is not None else ()
-        if layout.kind == "pattern":
-            shape += (out.shape[2], tokens) + tuple(out.shape[3:])
-        else:
-            shape += (tokens,) + tuple(out.shape[2:])
-        shapes[layout.name] = shape
-        sizes[layout.name] = math.prod(shape) * out.element_size()
+    estimates, count = estimate_saves([p for p in packed_plans if p is not None], model, lead)
     backward_bytes = None
+    longest = 1
     rows_per_batch = compiled.batch_size
     if compiled.rows is not None:
         rows_per_batch = min(rows_per_batch, len(compiled.rows))
-    if compiled.backward is not None:
+    if compiled.backward is not None:  # the memory estimate needs the longest prompt
+        longest = _longest_prompt(compiled.prompts, model.tokenizer)
         backward_bytes = _backward_memory(compiled, model, rows_per_batch, longest)
     metric_shapes = {
         m.name: (*lead, len(m.prompts) if m.prompts is not None else count)
@@ -321,8 +299,8 @@ def plan(
         plan=compiled,
         prompt_count=count,
         batches=sum(g.batches or 0 for g in groups) or math.ceil(count / compiled.batch_size),
-        save_shapes=shapes,
-        save_bytes=sizes,
+        save_shapes={name: e.shape for name, e in estimates.items()},
+        save_bytes={name: e.bytes for name, e in estimates.items()},
         model_name=model.info.name,
         groups=groups,
         metric_shapes=metric_shapes,
@@ -330,6 +308,9 @@ def plan(
         backward_bytes=backward_bytes,
         longest=longest,
         backward_rows=rows_per_batch,
+        save_layouts={name: e.layout for name, e in estimates.items()},
+        save_exact={name: e.exact for name, e in estimates.items()},
+        passes=int(compiled.generate["max_new_tokens"]) if compiled.generate else compiled.passes,
     )
 
 
@@ -343,15 +324,6 @@ def _longest_prompt(prompts: Any, tokenizer: Any, most: int = 10_000) -> int:
     for _, text in islice(iter_prompts(prompts, tokenizer), most):
         longest = max(longest, len(tokenizer(text)["input_ids"]))
     return longest
-
-
-def _pattern_heads(layout: Any, model: Any) -> int:
-    from nnrun.compile._heads import head_counts
-
-    if layout.heads is not None:
-        return len(layout.heads.selected)
-    counts = head_counts(model)
-    return counts[0] if counts else 1
 
 
 def _backward_memory(compiled: Any, model: Any, rows: int, longest: int) -> int:

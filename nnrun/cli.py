@@ -236,7 +236,6 @@ def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
         return
     from rich.progress import (
         BarColumn,
-        MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeElapsedColumn,
@@ -246,35 +245,49 @@ def _progress_bar(quiet: bool) -> Iterator[tuple[Any, Any]]:
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
-        MofNCompleteColumn(),
+        # Rows done of rows in all, once rows run (not "0/?" while the model loads).
+        TextColumn("{task.fields[count]}"),
         TextColumn("{task.fields[points]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
     ) as bar:
-        task = bar.add_task("loading model ...", total=None, points="")
+        task = bar.add_task("loading model ...", total=None, points="", count="")
 
         def progress(state: Any) -> None:
-            points = ""
-            if state.points_total > 1:
-                points = f"points {state.points_done}/{state.points_total}"
-                if state.points_failed:
-                    points += f" ({state.points_failed} failed)"
-            if state.shards_total:  # a distributed run counts shards, not rows
-                if state.retries:
-                    points += f" ({state.retries} retried)"
-                description = "shards" if state.stage == "running" else f"{state.stage} ..."
-                done, total = state.shards_done, state.shards_total
-            else:
-                description = "rows" if state.stage == "running" else f"{state.stage} ..."
-                done, total = state.rows_done, state.rows_total
-            bar.update(task, completed=done, total=total, description=description, points=points)
+            bar.update(task, **progress_fields(state))
 
         def log(message: str) -> None:
             bar.console.print(f"[dim]{message}[/dim]")
 
         yield progress, log
+
+
+def progress_fields(state: Any) -> dict[str, Any]:
+    """What the progress bar shows for a RunProgress: no row count while the model loads
+    or the spec compiles ("loading model ...", not "0/?"), then rows done of rows in all."""
+    points = ""
+    if state.points_total > 1:
+        points = f"points {state.points_done}/{state.points_total}"
+        if state.points_failed:
+            points += f" ({state.points_failed} failed)"
+    unit, done, total = "rows", state.rows_done, state.rows_total
+    if state.shards_total:  # a distributed run counts shards, not rows
+        if state.retries:
+            points += f" ({state.retries} retried)"
+        unit, done, total = "shards", state.shards_done, state.shards_total
+    counting = state.stage == "running" or done > 0
+    count = ""
+    if counting:
+        count = f"{done}/{'?' if total is None else total}"
+    return {
+        "completed": done,
+        "total": total if counting else None,
+        "description": unit if state.stage == "running" else f"{state.stage} ...",
+        "points": points,
+        "count": count,
+    }
 
 
 @app.command()
@@ -366,13 +379,22 @@ def plan(
     if len(rows) > _MAX_PLAN_ROWS:
         console.print(f"[dim]... and {len(rows) - _MAX_PLAN_ROWS} more actions[/dim]")
     layout = Table(title="output", show_header=True)
-    for column in ("dataset", "estimated shape", "estimated bytes"):
+    for column in ("dataset", "estimated shape", "layout", "estimated bytes"):
         layout.add_column(column)
+    bound = False
     for name, shape in report.save_shapes.items():
-        layout.add_row(f"saves/{name}", str(shape), f"{report.save_bytes[name]:,}")
+        exact = report.save_exact.get(name, True)
+        bound = bound or not exact
+        size = f"{'' if exact else '<= '}{report.save_bytes[name]:,}"
+        layout.add_row(f"saves/{name}", str(shape), report.save_layouts.get(name, ""), size)
     for name, shape in report.metric_shapes.items():
-        layout.add_row(f"metrics/{name}", str(shape), "")
+        layout.add_row(f"metrics/{name}", str(shape), "", "")
     console.print(layout)
+    if bound:
+        console.print(
+            "[dim]<= : an upper bound (prompts read from a file now, or generation, where a "
+            "prompt may stop early); shapes are the padded view a reader gets back[/dim]"
+        )
     if report.points > 1:
         groups = Table(title=f"sweep: {report.points} points in {len(report.groups)} group(s)")
         for column in ("group", "points", "batch rows", "passes", "why separate"):
@@ -399,7 +421,7 @@ def plan(
         )
         console.print(
             f"{report.prompt_count} prompts in {report.batches} batch(es) of up to "
-            f"{compiled.batch_size}{sources}; {compiled.passes} forward pass per batch; "
+            f"{compiled.batch_size}{sources}; {_passes(report.passes, compiled.generate)}; "
             f"about {sum(report.save_bytes.values()):,} bytes to {compiled.output}"
         )
     if compiled.backward is not None and report.backward_bytes is not None:
@@ -417,6 +439,12 @@ def plan(
 
 
 _MAX_PLAN_ROWS = 80
+
+
+def _passes(passes: int, generate: dict | None) -> str:
+    if generate:  # the prompt pass makes the first new token, each later pass one more
+        return f"{passes} forward pass{'es' if passes != 1 else ''} per batch (generation)"
+    return f"{passes} forward pass{'es' if passes != 1 else ''} per batch"
 
 
 @app.command()

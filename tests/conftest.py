@@ -84,8 +84,11 @@ TINY_OVERRIDES = {
 
 
 @pytest.fixture(scope="session")
-def spec_outputs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every spec in specs/ and examples/ run on tiny Llama: name -> output file."""
+def spec_runs(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, list[str], Path]]:
+    """Every spec in specs/ and examples/ run once on tiny Llama, one torch thread:
+    name -> (spec file, the overrides it ran with, its output file)."""
     from helpers import one_torch_thread
 
     import nnrun
@@ -94,13 +97,19 @@ def spec_outputs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     specs = sorted([*(ROOT / "specs").glob("*.yaml"), *(ROOT / "examples").glob("*.yaml")])
     # steering*.yaml read the vector that steering-source.yaml writes: run that first.
     specs.sort(key=lambda p: p.stem != "steering-source")
-    outputs = {}
+    runs: dict[str, tuple[Path, list[str], Path]] = {}
     with one_torch_thread():
         for spec in specs:
             overrides = [f"model={{path: '{tiny_llama}'}}", *TINY_OVERRIDES.get(spec.stem, [])]
             if spec.stem in ("steering", "steering-generation", "steering-sweep"):
-                overrides.append(f"source={outputs['steering-source']}")
+                overrides.append(f"source={runs['steering-source'][2]}")
             out = out_dir / f"{spec.stem}.h5"
             assert nnrun.run(spec, overrides, output=out).status == "complete"
-            outputs[spec.stem] = out
-    return outputs
+            runs[spec.stem] = (spec, overrides, out)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def spec_outputs(spec_runs: dict[str, tuple[Path, list[str], Path]]) -> dict[str, Path]:
+    """Every spec in specs/ and examples/ run on tiny Llama: name -> output file."""
+    return {name: out for name, (_, _, out) in spec_runs.items()}

@@ -40,7 +40,8 @@ def _spec(model: Path) -> dict[str, Any]:
         "seed": 3,
         "prompts": {"a": "The capital of France is", "b": "Hi there"},
         "save": {
-            "resid": {"at": "transformer.h.*.output"},  # ragged: NaN padding for b
+            # ragged, padded: NaN padding for b (packed saves diff as stored, too)
+            "resid": {"at": "transformer.h.*.output", "layout": "padded"},
             "logits": {"at": "output", "tokens": -1},
             "top": {"at": "output", "tokens": -1, "apply": [{"topk": 3}]},
         },

@@ -68,12 +68,14 @@ if stage == "load":
         return load(*a, **k)
     models.load_model = paused_load
 elif stage == "batch":
-    import nnrun.store._writer as w
-    write = w.OutputWriter.write
+    # Once the first batch is in the file (the writer thread has written it).
+    import nnrun.store._background as b
+    write = b.BackgroundWriter.write
     def paused_write(self, result):
         write(self, result)
+        self.drain()
         pause()
-    w.OutputWriter.write = paused_write
+    b.BackgroundWriter.write = paused_write
 elif stage == "final":
     import nnrun.store._writer as w
     finish = w.OutputWriter._finish_axes

@@ -7,7 +7,7 @@ from typing import Any
 
 import h5py
 import pytest
-from helpers import write_yaml
+from helpers import write_jsonl, write_yaml
 from typer.testing import CliRunner
 
 import nnrun
@@ -103,11 +103,78 @@ def test_plan_estimate_matches_the_run(tiny_llama: Path, tmp_path: Path) -> None
     )
     report = nnrun.plan(spec)
     results = nnrun.run(spec)
+    _matches(report, results)
+    assert report.save_layouts == {"resid": "padded", "embed": "packed", "lens": "padded"}
+    assert report.prompt_count == 2 and report.batches == 1 and report.passes == 1
+
+
+def _matches(report: Any, results: nnrun.Results, name: str = "") -> None:
+    """Each save's estimate is its shape as read back and its bytes as stored; an estimate
+    marked as an upper bound is never below the run."""
     with h5py.File(results.path) as f:
-        for name in ("resid", "embed", "lens"):
-            assert report.save_shapes[name] == f["saves"][name].shape, name
-            assert report.save_bytes[name] == f["saves"][name].nbytes, name
-    assert report.prompt_count == 2 and report.batches == 1
+        assert set(report.save_shapes) == {
+            s
+            for s in results
+            if s in f["saves"]
+            and "save" in f["saves"][s].attrs
+            and f["saves"][s].attrs["save"] == s
+        }, name
+        for save, shape in report.save_shapes.items():
+            stored = f["saves"][save].nbytes
+            if report.save_exact[save]:
+                assert shape == tuple(results[save].shape), (name, save)
+                assert report.save_bytes[save] == stored, (name, save)
+            else:
+                assert len(shape) == len(results[save].shape), (name, save)
+                assert all(a >= b for a, b in zip(shape, results[save].shape)), (name, save)
+                assert report.save_bytes[save] >= stored, (name, save)
+
+
+def test_plan_estimates_every_shipped_spec(
+    spec_runs: dict[str, tuple[Path, list[str], Path]],
+) -> None:
+    """For every spec in specs/ and examples/: `nnrun plan` against the file `nnrun run` wrote."""
+    for name, (spec, overrides, out) in spec_runs.items():
+        report = nnrun.plan(spec, overrides)
+        _matches(report, nnrun.load(out), name)
+        generate = check_spec(spec, overrides).data.get("generate")
+        if generate:
+            assert report.passes == generate["max_new_tokens"], name
+
+
+def test_plan_estimates_ragged_tokens_generation_and_prompt_files(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    texts = ["Hi", "The capital of France is", "When Mary and John went to the store, John gave"]
+    source = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts])
+    for prompts, generate in (
+        ({"file": str(source)}, None),
+        (dict(PROMPTS), {"max_new_tokens": 3}),
+    ):
+        spec = _spec(
+            tiny_llama,
+            prompts=prompts,
+            save={
+                "all": {"at": "model.layers.*.output"},
+                "padded": {"at": "model.layers.1.output", "tokens": "1:", "layout": "padded"},
+                "last": {"at": "output", "tokens": -1},
+            },
+            output=str(tmp_path / "o.h5"),
+            **({"generate": generate} if generate else {}),
+        )
+        report = nnrun.plan(spec)
+        results = nnrun.run(spec, overwrite=True)
+        _matches(report, results)
+        assert not any(report.save_exact.values())  # a file, or generation: upper bounds
+        if generate:
+            assert report.passes == 3
+            assert report.save_shapes["last"][1] == 3  # (prompt, step, token, vocab)
+    result = runner.invoke(
+        app, ["plan", str(write_yaml(tmp_path / "s.yaml", spec))], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 forward passes per batch (generation)" in result.stdout
+    assert "<= " in result.stdout and "packed" in result.stdout
 
 
 def test_plan_cli_prints_sites_actions_and_size(tiny_llama: Path, tmp_path: Path) -> None:

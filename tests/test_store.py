@@ -49,9 +49,15 @@ def complete(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         "batch_size": 3,  # overridden to 2 below
         "prompts": PROMPTS,
         "save": {
-            "resid": {"at": "model.layers.*.output"},  # tokens: all -> ragged
+            # tokens: all -> ragged; padded here, to check that layout (test_packed.py
+            # checks the packed one, the default for ragged tokens, against it)
+            "resid": {"at": "model.layers.*.output", "layout": "padded"},
             "last": {"at": "output", "prompts": ["c", "b"], "tokens": -1},
-            "mid": {"at": "model.layers.1.mlp.down_proj.input", "tokens": "1:4"},
+            "mid": {
+                "at": "model.layers.1.mlp.down_proj.input",
+                "tokens": "1:4",
+                "layout": "padded",
+            },
             "probs": {
                 "at": "model.layers.*.output",
                 "tokens": [-1],

@@ -765,3 +765,24 @@ def test_metric_tokens_from_a_prompt_file_field(tiny_llama: Path, tmp_path: Path
         )
     with pytest.raises(nnrun.CompileError, match="JSONL prompt file"):
         nnrun.run({**spec, "prompts": {"a": "Hi"}}, output=tmp_path / "c.h5")
+
+
+def test_a_swept_literal_operand_is_each_points_own(tiny_llama: Path, tmp_path: Path) -> None:
+    """`mul: ${alpha}` at one edit index: every point multiplies by its own alpha."""
+    spec = {
+        "nnrun": 1,
+        "model": {"path": str(tiny_llama)},
+        "batch_size": 8,
+        "prompts": dict(PROMPTS),
+        "sweep": {"alpha": [0.0, 2.0, -1.5]},
+        "edits": [{"at": "model.layers.0.output", "mul": "${alpha}", "prompts": ["clean"]}],
+        "save": {"h": {"at": "model.layers.0.output", "tokens": [-1]}},
+    }
+    swept = nnrun.run(spec, output=tmp_path / "sweep.h5").array("h")
+    clean = list(PROMPTS).index("clean")
+    for point, alpha in enumerate((0.0, 2.0, -1.5)):
+        alone = {**spec, "edits": [{**spec["edits"][0], "mul": alpha}]}
+        del alone["sweep"]
+        one = nnrun.run(alone, output=tmp_path / f"{point}.h5").array("h")
+        assert_same(swept[point], one, f"alpha={alpha}")
+    assert np.abs(swept[1, clean]).max() > 0  # not the first point's zeros

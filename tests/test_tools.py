@@ -420,9 +420,11 @@ def test_completion_of_templates_specs_and_save_names(tmp_path: Path) -> None:
 def test_install_completion(tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path), "SHELL": "/bin/bash"}
     # Typer finds the shell among the process's parents (typer 0.28 takes no shell name):
-    # run it from bash, as a user would, whatever runs the tests.
+    # run it from bash, as a user would, whatever runs the tests. The `; exit` keeps bash
+    # from replacing itself with nnrun (it does so for a lone command), so bash stays
+    # nnrun's parent.
     done = subprocess.run(
-        ["bash", "-c", f"'{NNRUN}' --install-completion bash"],
+        ["bash", "-c", f"'{NNRUN}' --install-completion; exit $?"],
         env=env,
         capture_output=True,
         text=True,

@@ -80,10 +80,13 @@ def build_tiny_tokenizer(kind: str):  # -> transformers.PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128, **specials)
 
 
-def build_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_model(
+    kind: str, out_dir: Path, seed: int = 0, *, layers: int = 3, width: int = 32
+) -> Path:
     """Build and save a tiny seeded ``kind`` model (gpt2, llama or bert) into ``out_dir``.
 
-    The same kind and seed always give identical files.
+    The same kind, seed and size always give identical files (the benchmarks use a
+    2-layer, width-64 GPT-2).
     """
     import torch
     import transformers
@@ -99,8 +102,8 @@ def build_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     if kind == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=vocab,
-            n_layer=3,
-            n_embd=32,
+            n_layer=layers,
+            n_embd=width,
             n_head=4,
             n_positions=128,
             bos_token_id=ids["bos_id"],
@@ -110,11 +113,11 @@ def build_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     elif kind == "llama":
         config = transformers.LlamaConfig(
             vocab_size=vocab,
-            num_hidden_layers=3,
-            hidden_size=32,
+            num_hidden_layers=layers,
+            hidden_size=width,
             num_attention_heads=4,
             num_key_value_heads=2,
-            intermediate_size=64,
+            intermediate_size=2 * width,
             max_position_embeddings=128,
             tie_word_embeddings=False,
             bos_token_id=ids["bos_id"],
@@ -124,10 +127,10 @@ def build_tiny_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     else:
         config = transformers.BertConfig(
             vocab_size=vocab,
-            num_hidden_layers=3,
-            hidden_size=32,
+            num_hidden_layers=layers,
+            hidden_size=width,
             num_attention_heads=4,
-            intermediate_size=64,
+            intermediate_size=2 * width,
             max_position_embeddings=128,
             pad_token_id=ids["pad_id"],
         )

@@ -166,6 +166,7 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
                 tokens=tokens,
                 apply=apply,
                 steps=tuple(steps.resolve(max_steps)) if generate else None,
+                layout=save.get("layout", "auto"),
                 value_shape=_layout_shape(kind, own, heads),
                 kind=kind,
                 heads=heads,

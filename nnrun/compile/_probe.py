@@ -67,9 +67,24 @@ _PROBED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], SiteInfo]] =
 
 
 def cached_probe(model: nn.Module, tokenizer: Any = None) -> dict[tuple[str, str], SiteInfo]:
-    """`probe_sites` once per loaded model: every point of a sweep shares its answer."""
+    """`probe_sites` once per loaded model, and once per model files on this machine.
+
+    Every point of a sweep shares the answer of one probe pass. A model loaded by
+    `load_model` also finds it on disk, under `$NNRUN_CACHE/probes/`, keyed by its
+    class, module tree, config, dtype and the names, sizes, modification times and
+    sampled bytes of its files (see `_probe_cache`): a second run of a spec skips the
+    probe pass, and any change to the model files or class probes again.
+    """
     if model not in _PROBED:
-        _PROBED[model] = probe_sites(model, tokenizer=tokenizer)
+        from nnrun.compile._probe_cache import load_probe, probe_key, store_probe
+
+        key = probe_key(model, _probe_token(tokenizer))
+        found = None if key is None else load_probe(key, model)
+        if found is None:
+            found = probe_sites(model, tokenizer=tokenizer)
+            if key is not None:
+                store_probe(key, found)
+        _PROBED[model] = found
     return _PROBED[model]
 
 

@@ -219,6 +219,9 @@ class SaveLayout:
     targets: Targets | None = None
     kind: str = "value"  # value | grad | pattern | attribution (SaveAction.kind)
     heads: Heads | None = None
+    # How the store lays the token axis out: auto (packed when it is ragged), packed
+    # (only real tokens, with per-prompt offsets) or padded.
+    layout: str = "auto"
 
     @property
     def variant(self) -> str:

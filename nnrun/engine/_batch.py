@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -44,6 +45,8 @@ class Batch:
     tokenizer: Any = None
     # Each row's JSONL record (prompt files), for metrics that read a field of it.
     fields: list[dict[str, Any]] | None = None
+    # `offsets` as a list on the host: selections are worked out without a device sync.
+    offset_list: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.prompts is None:
@@ -213,7 +216,16 @@ def _json_kind(value: object) -> str:
 
 def takes_position_ids(model: torch.nn.Module) -> bool:
     """Whether the model's forward accepts explicit position ids."""
-    return "position_ids" in inspect.signature(model.forward).parameters
+    own = model.__dict__.get("forward")
+    if own is not None:  # wrapped on the instance (accelerate's device-map hooks)
+        return "position_ids" in inspect.signature(own).parameters
+    return _class_takes_position_ids(type(model))
+
+
+@functools.cache
+def _class_takes_position_ids(cls: type) -> bool:
+    # inspect.signature costs more than a tiny model's forward pass: once per class.
+    return "position_ids" in inspect.signature(cls.forward).parameters
 
 
 def make_batch(
@@ -242,25 +254,32 @@ def make_batch(
     lengths = [len(t) for t in token_ids]
     width = max(lengths)
     pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    # Rows built as lists and converted once: per-row tensor writes cost more than a
+    # small model's forward pass.
     offsets = [width - n if left_pad else 0 for n in lengths]
-    for row, (toks, start) in enumerate(zip(token_ids, offsets)):
-        input_ids[row, start : start + len(toks)] = torch.tensor(toks)
-        mask[row, start : start + len(toks)] = 1
-    position_ids = None
-    if left_pad:
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width)
+    rows, masks, positions = [], [], []
+    for toks in token_ids:
+        fill = [pad] * (width - len(toks))
+        rows.append(fill + toks if left_pad else toks + fill)
+        ones, zeros = [1] * len(toks), [0] * (width - len(toks))
+        masks.append(zeros + ones if left_pad else ones + zeros)
+        if left_pad:  # explicit positions: 0 on the padding, then 0, 1, ... on the prompt
+            positions.append(zeros + list(range(len(toks))))
+    host = torch.tensor([rows, masks, positions or masks])  # ids, mask, positions: (3, B, W)
+    counts = torch.tensor([lengths, offsets])  # (2, batch)
+    if device.type != "cpu":
+        host, counts = host.to(device), counts.to(device)
     return Batch(
         ids=ids,
         texts=texts,
         token_ids=token_ids,
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=None if position_ids is None else position_ids.to(device),
-        lengths=torch.tensor(lengths, device=device),
-        offsets=torch.tensor(offsets, device=device),
+        input_ids=host[0],
+        attention_mask=host[1],
+        position_ids=host[2] if left_pad else None,
+        lengths=counts[0],
+        offsets=counts[1],
         aux=aux or [False] * len(ids),
         prompts=prompt_ids,
         tokenizer=tokenizer,
+        offset_list=offsets,
     )

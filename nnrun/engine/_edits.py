@@ -35,8 +35,7 @@ class OperandCache:
     def host(self, edit: EditAction) -> torch.Tensor:
         """The operand of a literal or file value, on the host, as written or read."""
         operand = edit.operand
-        # Literal lists are not hashable: an edit's literal is keyed by its index.
-        key = operand if isinstance(operand, FileValue) else ("literal", edit.index)
+        key = _operand_key(edit)
         if key not in self._host:
             if isinstance(operand, FileValue):
                 self._host[key] = read_file_tensor(operand, edit.label)
@@ -52,11 +51,23 @@ class OperandCache:
 
     def on_device(self, edit: EditAction, like: torch.Tensor) -> torch.Tensor:
         """The operand in `like`'s dtype and on its device (converted once)."""
-        operand = edit.operand
-        key = (operand if isinstance(operand, FileValue) else edit.index, like.dtype, like.device)
+        key = (_operand_key(edit), like.dtype, like.device)
         if key not in self._device:
             self._device[key] = self.host(edit).to(device=like.device, dtype=like.dtype)
         return self._device[key]
+
+
+def _operand_key(edit: EditAction) -> Any:
+    """What an operand is cached under: the file, or the literal itself.
+
+    Not the edit's index alone: the points of a sweep share one plan, and their edit
+    at one index may each carry another literal (`mul: ${alpha}`).
+    """
+    operand = edit.operand
+    if isinstance(operand, FileValue):
+        return operand
+    assert isinstance(operand, LiteralValue)
+    return ("literal", repr(operand.data))  # lists are not hashable; their text is
 
 
 # An operand is a vector or a few; a dataset declaring more than this is a mistake (or a
@@ -72,6 +83,8 @@ def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
     datasets of absurd size are refused with the reason.
     """
     import h5py
+
+    from nnrun.store import padded_shape, padded_values
 
     path = Path(operand.file)
     where = f"{what}: {operand.dataset!r} in {path}"
@@ -104,13 +117,14 @@ def read_file_tensor(operand: FileValue, what: str) -> torch.Tensor:
                 )
             if ds.shape is None:
                 raise RunError(f"{where} is empty (no dataspace); an operand needs values")
-            size = math.prod(ds.shape)
+            shape = padded_shape(ds)  # a packed save (ragged tokens): its padded view
+            size = math.prod(shape)
             if size > MAX_OPERAND_ELEMENTS:
                 raise RunError(
-                    f"{where} has shape {tuple(ds.shape)} ({size:,} values); an operand of "
+                    f"{where} has shape {shape} ({size:,} values); an operand of "
                     f"more than {MAX_OPERAND_ELEMENTS:,} values is not supported"
                 )
-            values = np.asarray(ds[()])
+            values = padded_values(ds)
     except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
         raise RunError(
             f"{what}: cannot read '{path}' as HDF5: {' '.join(str(e).split())}"
@@ -158,13 +172,20 @@ def _shape_text(shape: tuple[Any, ...]) -> str:
 class EditContext:
     """What an edit needs besides its own selection: the batch and captured sources."""
 
-    def __init__(self, batch: Batch, operands: OperandCache, seed: int):
+    def __init__(
+        self,
+        batch: Batch,
+        operands: OperandCache,
+        seed: int,
+        indices: dict[tuple, TokenIndex | None] | None = None,
+    ):
         self.batch = batch
         self.operands = operands
         self.seed = seed
         self.captured: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
         self.step = -1  # the generation step of the forward pass under way (-1: none yet)
         self.width = batch.width  # how many tokens per row that forward takes
+        self._indices = indices  # kept across batches of a plan (see token_index)
         self._index: dict[Any, TokenIndex | None] = {}
         # `{from: P, step: S}` operands kept from step S, by edit (see hold_source).
         self.held: dict[int, torch.Tensor] = {}
@@ -183,7 +204,9 @@ class EditContext:
         Edits reach the auxiliary source rows too (so a source that is itself
         edited reads as it would alone); saves pass `include_aux=False`.
         """
-        key = (prompts, tokens, self.step, include_aux)
+        # The selection by identity: a TokenSelection hashes all its fields on every
+        # call, and this runs at every hooked site of every pass.
+        key = (prompts, id(tokens), self.step, include_aux)
         if key not in self._index:
             self._index[key] = token_index(
                 self.batch,
@@ -192,6 +215,7 @@ class EditContext:
                 what=what,
                 include_aux=include_aux,
                 step=max(self.step, 0),
+                cache=self._indices,
             )
         found = self._index[key]
         if found is None or value_tokens is None:

@@ -46,7 +46,9 @@ from nnrun.engine._edits import (
 from nnrun.engine._heads import pattern_rows, pick_heads
 from nnrun.engine._metrics import compute_metric
 from nnrun.engine._ports import get_value, set_value
+from nnrun.engine._seed import seed_generators
 from nnrun.engine._select import TokenIndex, token_index
+from nnrun.engine._transfer import copies_done, to_host
 from nnrun.errors import RunError
 from nnrun.spec import StepSelection
 
@@ -87,6 +89,15 @@ class BatchResult:
     metrics: dict[str, MetricBatch] = field(default_factory=dict)
     # Each prompt's tokens as text (inline prompts only): what `tokens:` positions mean.
     token_texts: list[list[str]] | None = None
+    # On CUDA: an event set once every value of the batch has reached the host (the
+    # copies do not wait for it; see _transfer). None: the values are there.
+    ready: Any = None
+
+    def wait(self) -> None:
+        """Return once the batch's values are on the host (read them only after this)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
 
 
 class _BatchState:
@@ -254,14 +265,17 @@ class Engine:
         self.left_pad = uses_left_padding(plan, model)
         self.modules = modules_of(model)
         self._max_steps = int(plan.generate["max_new_tokens"]) if plan.generate else 1
-        self._positions = max_positions(model)
+        self._positions = _max_positions(model)
         self.operands = OperandCache()
         self._state: _BatchState | None = None
-        self._rows = _plan_rows(plan)
-        self._by_row, self._always = _actions_by_row(plan)
+        self._rows, self._by_row, self._always, self._indices, self._batches = _prepared(plan)
         self.current_rows: list[str] = []  # the rows of the batch under way (for error reports)
         self._loss_scale = _loss_scale(plan)
         self._field_tokens: dict[str, int] = {}  # `{field: ...}` metric texts -> token ids
+        # Each result's values are on the host when it is yielded. The run loop turns
+        # this off: its writer thread waits for them (BatchResult.wait), so on a GPU the
+        # next batch computes while the copies of this one are on their way.
+        self.wait_for_host = True
 
     def preflight(self) -> None:
         """Check what can be checked before any forward pass (see `preflight`)."""
@@ -273,7 +287,7 @@ class Engine:
         `rows` restricts the run to those row keys (in plan order); by default every
         row of the plan runs (or every prompt of the prompt file).
         """
-        torch.manual_seed(self.plan.seed)
+        seed_generators(self.plan.seed)
         if self._rows is None:
             source: Iterator[PromptRow] = (
                 PromptRow(key, key, text, fields=record)
@@ -329,20 +343,8 @@ class Engine:
         extra = self._source_rows(chunk)
         rows = chunk + extra
         self.current_rows = [r.key for r in rows]
-        batch = make_batch(
-            [(r.key, r.text) for r in rows],
-            self.tokenizer,
-            self.device,
-            left_pad=self.left_pad,
-            aux=[False] * len(chunk) + [True] * len(extra),
-            prompt_ids=[r.prompt for r in rows],
-        )
-        batch.fields = [r.fields or {} for r in rows]
-        new_tokens = self._max_steps if self.plan.generate else 0
-        check_batch_lengths(
-            batch.ids, [len(t) for t in batch.token_ids], self._positions, new_tokens
-        )
-        state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed))
+        batch = self._batch(chunk, extra)
+        state = _BatchState(batch, EditContext(batch, self.operands, self.plan.seed, self._indices))
         state.active = set(self._always)
         for key in batch.ids:
             state.active.update(self._by_row.get(key, ()))
@@ -351,6 +353,7 @@ class Engine:
         try:
             if self.plan.backward is not None:
                 state.backward = BackwardPass()
+                state.start_step(batch.width)
                 with torch.enable_grad():
                     self.model(**batch.model_inputs())
                     state.backward.run(_loss_name(self.plan))
@@ -358,6 +361,7 @@ class Engine:
             else:
                 with torch.inference_mode():
                     if self.plan.generate is None:
+                        state.start_step(batch.width)
                         self.model(**batch.model_inputs())
                     else:
                         generated = self._generate(batch)
@@ -367,7 +371,8 @@ class Engine:
             self._state = None
             state.edits.captured.clear()  # the batch's activations go with the batch
         n = len(chunk)  # the auxiliary source rows come last and are not results
-        return BatchResult(
+        result = BatchResult(
+            ready=copies_done(self.device),
             prompt_ids=[r.prompt for r in chunk],
             texts=batch.texts[:n],
             token_ids=batch.token_ids[:n],
@@ -380,6 +385,40 @@ class Engine:
             metrics=metrics,
             token_texts=None if self._rows is None else _token_texts(self.tokenizer, batch, n),
         )
+        if self.wait_for_host:
+            result.wait()
+        return result
+
+    def _batch(self, chunk: list[PromptRow], extra: list[PromptRow]) -> Batch:
+        """The rows tokenized and padded; a plan's inline rows once per plan and device.
+
+        A notebook loop or a sweep runs the same rows again and again, and tokenizing
+        costs about what a small model's pass does. Batches are never changed in place.
+        """
+        rows = chunk + extra
+        key = None
+        if self._rows is not None:  # inline rows: the same keys are the same texts
+            key = (tuple(r.key for r in rows), len(chunk), self.device, self.left_pad)
+            if key in self._batches:
+                return self._batches[key]
+        batch = make_batch(
+            [(r.key, r.text) for r in rows],
+            self.tokenizer,
+            self.device,
+            left_pad=self.left_pad,
+            aux=[False] * len(chunk) + [True] * len(extra),
+            prompt_ids=[r.prompt for r in rows],
+        )
+        new_tokens = self._max_steps if self.plan.generate else 0
+        check_batch_lengths(
+            batch.ids, [len(t) for t in batch.token_ids], self._positions, new_tokens
+        )
+        batch.fields = [r.fields or {} for r in rows]  # JSONL records, for {field: ...}
+        if key is not None:
+            if len(self._batches) >= _CACHED_BATCHES:
+                self._batches.pop(next(iter(self._batches)))
+            self._batches[key] = batch
+        return batch
 
     def _source_rows(self, chunk: list[PromptRow]) -> list[PromptRow]:
         """Rows the chunk's edits read that are not in it (and what those read, in turn)."""
@@ -417,10 +456,11 @@ class Engine:
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
-        handles = [
-            # Registered first so every other hook of a forward sees its step.
-            self.model.register_forward_pre_hook(self._step_hook, with_kwargs=True)
-        ]
+        handles = []
+        if self.plan.generate is not None:
+            # Registered first so every other hook of a forward sees its step. A single
+            # forward pass is step 0, set before it runs (one hook fewer per pass).
+            handles.append(self.model.register_forward_pre_hook(self._step_hook, with_kwargs=True))
         try:
             for actions in self.plan.sites:
                 module = self.modules[actions.site.module]
@@ -724,14 +764,18 @@ class Engine:
             if value.dim() == 4:
                 value = value.transpose(1, 2)  # fit and the checks below see (B, query, ...)
         self._check_rows(value, batch, f"{what} at {site}")
-        index = index.fit(value.shape[1], state.edits.width, f"{what} at {site}")
+        if value.shape[1] != state.edits.width:
+            index = index.fit(value.shape[1], state.edits.width, f"{what} at {site}")
         index = index.to(value.device)  # a device map may put this site elsewhere
         if not wanted:  # only the sample's shape is used: one column is enough
             index = TokenIndex(index.rows, index.columns[:, :1], index.valid[:, :1], True)
         if save.kind == "pattern":
             picked = pattern_rows(value.transpose(1, 2), index, batch, save.heads, site)
         else:
-            picked = value[index.rows[:, None], index.columns]  # (R, K, ...)
+            if index.span is not None:  # a copy: the model may change its tensor in place
+                picked = value[:, index.span[0] : index.span[1]].clone()  # (R, K, ...)
+            else:
+                picked = value[index.row_column, index.columns]  # (R, K, ...)
             if save.heads is not None:
                 picked = pick_heads(picked, save.heads, f"{what} at {site}")  # (R, K, h, d)
         with torch.no_grad():
@@ -787,8 +831,10 @@ class Engine:
         state = self._state
         assert state is not None
         out: dict[str, MetricBatch] = {}
-        steps = {m.key: m.step for actions in self.plan.sites for m in actions.metrics}
+        steps = None
         for key, parts in state.metrics.items():
+            if steps is None:
+                steps = {m.key: m.step for actions in self.plan.sites for m in actions.metrics}
             values = torch.cat([v for v, _ in parts])  # (R,)
             rows = torch.cat([r for _, r in parts]).tolist()
             if generated is not None and steps[key] > 0:
@@ -798,7 +844,7 @@ class Engine:
                 )
                 fill = float("nan") if values.is_floating_point() else -1
                 values = torch.where(alive, values, torch.full_like(values, fill))
-            out[key] = MetricBatch(data=values.to("cpu"), rows=[batch.ids[r] for r in rows])
+            out[key] = MetricBatch(data=to_host(values), rows=[batch.ids[r] for r in rows])
         return out
 
 
@@ -933,10 +979,10 @@ def _loss_name(plan: Plan) -> str:
 def _to_host(save: SaveBatch) -> SaveBatch:
     """The same save with its tensors on the host: one transfer per tensor per batch."""
     return SaveBatch(
-        data=save.data.to("cpu"),
+        data=to_host(save.data),
         prompt_ids=save.prompt_ids,
-        counts=None if save.counts is None else save.counts.to("cpu"),
-        extra={k: v.to("cpu") for k, v in save.extra.items()},
+        counts=None if save.counts is None else to_host(save.counts),
+        extra={k: to_host(v) for k, v in save.extra.items()},
     )
 
 
@@ -955,7 +1001,7 @@ def _assemble(values: list[Any], index: TokenIndex, layered: bool, batch: Batch)
             data = torch.stack([t.to(device) for t in tensors], dim=1)  # (R, L, K, ...)
         else:
             data = tensors[0]  # (R, K, ...)
-        if index.ragged:
+        if index.ragged and not index.full:
             valid = index.valid.to(data.device)  # (R, K)
             shape = (valid.shape[0],) + (1,) * int(layered) + (valid.shape[1],)
             valid = valid.view(*shape, *([1] * (data.dim() - len(shape))))
@@ -975,6 +1021,37 @@ def _assemble(values: list[Any], index: TokenIndex, layered: bool, batch: Batch)
 
 def _tensor_or_none(value: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
+
+
+_POSITIONS: weakref.WeakKeyDictionary[nn.Module, int | None] = weakref.WeakKeyDictionary()
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    """`max_positions`, read once per model (config attribute reads are slow in transformers)."""
+    if model not in _POSITIONS:
+        _POSITIONS[model] = max_positions(model)
+    return _POSITIONS[model]
+
+
+_PREPARED: dict[int, tuple[weakref.ref, Any]] = {}
+# Tokenized batches a plan keeps at most (see Engine._batch).
+_CACHED_BATCHES = 64
+
+
+def _prepared(plan: Plan) -> tuple[Any, ...]:
+    """The plan's rows and per-row actions, worked out once per plan (not per Engine):
+    a notebook or a sweep makes an Engine per call."""
+    key = id(plan)
+    entry = _PREPARED.get(key)
+    if entry is not None and entry[0]() is plan:
+        return entry[1]
+    rows = _plan_rows(plan)
+    # Selections are worked out once per batch of rows, and kept (see token_index).
+    indices: dict[tuple, Any] = {}
+    batches: dict[tuple, Batch] = {}  # see Engine._batch
+    value = (rows, *_actions_by_row(plan), indices, batches)
+    _PREPARED[key] = (weakref.ref(plan, lambda _ref: _PREPARED.pop(key, None)), value)
+    return value
 
 
 def _plan_rows(plan: Plan) -> dict[str, PromptRow] | None:
@@ -1015,9 +1092,26 @@ def _layout_rows(layout: Any) -> frozenset[str] | None:
     return None if layout.prompts is None else frozenset(layout.prompts)
 
 
+_TOKEN_TEXTS: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _token_texts(tokenizer: Any, batch: Batch, n: int) -> list[list[str]]:
-    """Each of the first `n` rows' tokens decoded one by one (" Paris", not "ĠParis")."""
-    return [
-        tokenizer.batch_decode([[t] for t in ids], clean_up_tokenization_spaces=False)
-        for ids in batch.token_ids[:n]
-    ]
+    """Each of the first `n` rows' tokens decoded one by one (" Paris", not "ĠParis").
+
+    Inline prompts come back run after run (a notebook, a sweep): each row is decoded
+    once per tokenizer.
+    """
+    known = _TOKEN_TEXTS.setdefault(tokenizer, {})
+    out = []
+    for ids in batch.token_ids[:n]:
+        key = tuple(ids)
+        if key not in known:
+            if len(known) >= 4096:  # inline prompts only, but keep it bounded
+                known.clear()
+            known[key] = tokenizer.batch_decode(
+                [[t] for t in ids], clean_up_tokenization_spaces=False
+            )
+        out.append(known[key])
+    return out

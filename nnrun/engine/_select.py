@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -27,11 +28,22 @@ class TokenIndex:
     columns: torch.Tensor  # (R, K)
     valid: torch.Tensor  # (R, K) bool
     ragged: bool
+    full: bool = False  # every entry is real (nothing to mask)
+    # (a, b) when every row of the batch, in order, selects columns a..b-1: the values
+    # are then a slice, cheaper to take than a gather.
+    span: tuple[int, int] | None = None
 
-    @property
+    # Derived tensors are computed once: an index is reused batch after batch (see
+    # `token_index`), and each tensor op costs about what a tiny model's layer does.
+    @cached_property
     def counts(self) -> torch.Tensor:
         """(R,) how many entries of each row are real."""
         return self.valid.sum(dim=1)
+
+    @cached_property
+    def row_column(self) -> torch.Tensor:
+        """(R, 1) `rows` as a column, to index (batch, tokens, ...) values with `columns`."""
+        return self.rows[:, None]
 
     def valid_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) batch rows and (N,) columns of the real (non-padding) entries."""
@@ -44,7 +56,12 @@ class TokenIndex:
         if self.rows.device == device:
             return self
         return TokenIndex(
-            self.rows.to(device), self.columns.to(device), self.valid.to(device), self.ragged
+            self.rows.to(device),
+            self.columns.to(device),
+            self.valid.to(device),
+            self.ragged,
+            self.full,
+            self.span,
         )
 
     def fit(self, value_tokens: int, input_tokens: int, what: str) -> TokenIndex:
@@ -64,7 +81,8 @@ class TokenIndex:
                 f"{input_tokens} positions (during generation only the last position gets "
                 f"logits); select tokens: -1"
             )
-        return TokenIndex(self.rows, (self.columns - shift).clamp(min=0), self.valid, self.ragged)
+        columns = (self.columns - shift).clamp(min=0)
+        return TokenIndex(self.rows, columns, self.valid, self.ragged, self.full)
 
 
 def token_index(
@@ -75,6 +93,7 @@ def token_index(
     what: str,
     include_aux: bool = False,
     step: int = 0,
+    cache: dict[tuple, TokenIndex | None] | None = None,
 ) -> TokenIndex | None:
     """Index tensors for the prompts and tokens an action selects in this batch.
 
@@ -87,12 +106,61 @@ def token_index(
     the slot of the entry that named it (`[0, -1]`: slot 1).
 
     Returns None when no prompt of the batch is selected. `what` names the
-    action for error messages ("save 'resid'", "edits[2]").
+    action for error messages ("save 'resid'", "edits[2]"). `cache` keeps indices
+    for batches that come back (a plan's inline rows, run again in a notebook loop
+    or by a sweep): this Python work costs more than a tiny model's forward pass,
+    and index tensors are never changed in place, so a cached one is handed out again.
     """
+    if cache is None:
+        return _token_index(batch, prompts, tokens, what, include_aux, step)
+    key = _cache_key(batch, prompts, tokens, include_aux, step)
+    if key not in cache:
+        if len(cache) >= _CACHED_INDICES:
+            cache.pop(next(iter(cache)))
+        cache[key] = _token_index(batch, prompts, tokens, what, include_aux, step)
+    return cache[key]
+
+
+# How many selections a plan keeps worked out (see `token_index`'s cache).
+_CACHED_INDICES = 64
+
+
+def _cache_key(
+    batch: Batch, prompts: frozenset[str] | None, tokens: TokenSelection, aux: bool, step: int
+) -> tuple:
+    # Everything the index depends on: row ids only where the selection names rows,
+    # texts only where a `find` reads them (so batches of streamed prompts of the same
+    # lengths share one entry).
+    texts = tuple(batch.texts) if tokens.kind == "find" else None
+    lengths = tuple(len(t) for t in batch.token_ids)
+    offsets = tuple(batch.offset_list or batch.offsets.tolist())
+    device = batch.input_ids.device
+    return (
+        None if prompts is None else tuple(batch.ids),
+        lengths,
+        offsets,
+        tuple(batch.aux),
+        prompts,
+        tokens,
+        aux,
+        step,
+        texts,
+        device,
+    )
+
+
+def _token_index(
+    batch: Batch,
+    prompts: frozenset[str] | None,
+    tokens: TokenSelection,
+    what: str,
+    include_aux: bool,
+    step: int,
+) -> TokenIndex | None:
     rows: list[int] = []
     positions: list[list[int | None]] = []  # None: a slot with no real token
-    lengths = batch.lengths.tolist()
-    offsets = batch.offsets.tolist()
+    lengths = [len(t) for t in batch.token_ids]
+    offsets = batch.offset_list or batch.offsets.tolist()
     for row, prompt_id in enumerate(batch.ids):
         if prompts is not None and prompt_id not in prompts:
             continue
@@ -135,11 +203,24 @@ def token_index(
     columns = [[0 if c is None else c for c in p] + [0] * (width - len(p)) for p in positions]
     valid = [[c is not None for c in p] + [False] * (width - len(p)) for p in positions]
     device = batch.input_ids.device
+    full = all(all(v) for v in valid)
+    span = None
+    first = columns[0]
+    if (
+        full
+        and step == 0
+        and rows == list(range(batch.size))
+        and all(c == first for c in columns)
+        and first == list(range(first[0], first[0] + len(first)))
+    ):
+        span = (first[0], first[0] + len(first))
     return TokenIndex(
         rows=torch.tensor(rows, device=device),
         columns=torch.tensor(columns, device=device),
         valid=torch.tensor(valid, device=device),
         ragged=ragged,
+        full=full,
+        span=span,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,3 +108,17 @@ def weights_files_sha256(location: Path) -> str:
                 fh.seek(size - _SAMPLE_BYTES)
             digest.update(fh.read(_SAMPLE_BYTES))
     return digest.hexdigest()
+
+
+# The ModelInfo of each model load_model returned, while the model lives: later stages
+# that get only the module (the compiler's probe cache) look its provenance up here.
+_INFOS: weakref.WeakKeyDictionary[Any, ModelInfo] = weakref.WeakKeyDictionary()
+
+
+def remember_info(model: Any, info: ModelInfo) -> None:
+    _INFOS[model] = info
+
+
+def info_of(model: Any) -> ModelInfo | None:
+    """The ModelInfo of a model loaded by `load_model` (None for one built elsewhere)."""
+    return _INFOS.get(model)

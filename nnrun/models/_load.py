@@ -12,7 +12,13 @@ from typing import Any
 from nnrun.errors import ModelError
 from nnrun.models._builtin import builtin_checkpoint, builtin_names
 from nnrun.models._hf import auto_class, load_gguf, load_gguf_tokenizer, one_line, quiet_loading
-from nnrun.models._info import LoadedModel, ModelInfo, config_sha256, weights_files_sha256
+from nnrun.models._info import (
+    LoadedModel,
+    ModelInfo,
+    config_sha256,
+    remember_info,
+    weights_files_sha256,
+)
 
 SOURCE_KEYS: tuple[str, ...] = ("path", "id", "gguf", "builtin")
 DTYPE_NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64", "auto")
@@ -139,6 +145,7 @@ def load_model(
             f"{type(model).__name__} added {', '.join(new_modules)} with random weights "
             f"(not in the checkpoint); model.class: AutoModel loads the model without them"
         )
+    remember_info(model, info)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, new_modules=new_modules)
 
 

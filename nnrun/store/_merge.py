@@ -111,6 +111,7 @@ def _merge_points(
         if _point_led(name, ds, sweep):
             target = _require_like(dst, name, ds)
             _grow(target, ds.shape, start=lead)
+            _widest(target, ds)
             for point in points:
                 where = sweep.coords_of(point)
                 _copy(ds, target, where, where)
@@ -124,7 +125,8 @@ def _merge_points(
 def _point_led(name: str, ds: h5py.Dataset, sweep: SweepLayout) -> bool:
     """Datasets with one slot per sweep point: rows of every kind and their lengths."""
     top = name.split("/", 1)[0]
-    row_data = top in _ROW_GROUPS or (top == "axes" and name.endswith("/length"))
+    # A packed save's offsets count from the start of each point's own flat axis.
+    row_data = top in _ROW_GROUPS or (top == "axes" and name.endswith(("/length", "/offset")))
     return row_data and ds.shape[: len(sweep.shape)] == tuple(sweep.shape)
 
 
@@ -151,16 +153,27 @@ def _rows(file: h5py.File) -> int:
 def _append_window(dst: h5py.File, src: h5py.File, before: int) -> int:
     """Append a window's rows after the `before` rows already merged; the new row count."""
     added = _rows(src)
+    # Packed saves: this window's tokens go after the tokens already merged, so its
+    # offsets (/axes/<save>/offset) move on by that many.
+    flat_before = {
+        name.split("/", 1)[1]: ds.shape[0]
+        for name, ds in _datasets(dst)
+        if name.startswith("saves/") and ds.attrs.get("layout") == "packed"
+    }
     for name, ds in _datasets(src):
         top = name.split("/", 1)[0]
-        if top in _ROW_GROUPS or (
-            top == "axes" and name.rsplit("/", 1)[-1] in ("length", "prompt")
-        ):
+        column = name.rsplit("/", 1)[-1]
+        if top in _ROW_GROUPS or (top == "axes" and column in ("length", "prompt", "offset")):
             target = _require_like(dst, name, ds, rows=before)
             start = target.shape[0]
             target.resize(start + ds.shape[0], axis=0)
             _grow(target, ds.shape, start=1)
-            _copy(ds, target, (), (), dst_row=start, rows=ds.shape[0])
+            _widest(target, ds)
+            if top == "axes" and column == "offset":
+                shift = flat_before.get(name.split("/")[1], 0)
+                target[start : start + ds.shape[0]] = ds[()] + shift
+            else:
+                _copy(ds, target, (), (), dst_row=start, rows=ds.shape[0])
         elif name not in dst:
             _copy(ds, _require_like(dst, name, ds), (), ())
     # A column this window lacks (a JSONL field none of its records has) gets fill values
@@ -205,6 +218,13 @@ def _require_like(dst: h5py.File, name: str, src: h5py.Dataset, rows: int | None
         if key not in _REFERENCES:
             target.attrs[key] = value
     return target
+
+
+def _widest(target: h5py.Dataset, src: h5py.Dataset) -> None:
+    """A packed save's padded view is as wide as the widest shard's."""
+    if "padded_width" in src.attrs:
+        width = max(int(src.attrs["padded_width"]), int(target.attrs["padded_width"]))
+        target.attrs["padded_width"] = width
 
 
 def _grow(target: h5py.Dataset, shape: tuple[int, ...], *, start: int) -> None:

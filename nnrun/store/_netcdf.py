@@ -33,24 +33,36 @@ def add_netcdf_dimensions(file: h5py.File) -> None:
     """
     remove_netcdf_dimensions(file)
     uses: list[tuple[h5py.Dataset, int, str, int, str]] = []  # dataset, axis, label, size, owner
+    groups: dict[str, h5py.Group] = {}  # parent path -> group (h5py lookups cost: reuse)
+    scales: dict[tuple[str, str], h5py.Dataset | None] = {}
+
+    def beside(parent: str, label: str) -> h5py.Dataset | None:
+        """The label scale in the dataset's own group, if there is one."""
+        if (parent, label) not in scales:
+            if parent not in groups:
+                groups[parent] = file[parent]
+            found = groups[parent].get(label)
+            scales[(parent, label)] = (
+                found if isinstance(found, h5py.Dataset) and found.is_scale else None
+            )
+        return scales[(parent, label)]
 
     def visit(path: str, obj: object) -> None:
-        if not isinstance(obj, h5py.Dataset) or obj.is_scale or obj.parent == file:
-            return
-        owner = str(obj.attrs.get("save", path.rsplit("/", 1)[-1]))
-        for axis in range(obj.ndim):
-            label = obj.dims[axis].label or f"{path.rsplit('/', 1)[-1]}_dim{axis}"
-            local = obj.parent.get(label)
-            if (
-                isinstance(local, h5py.Dataset)
-                and local.is_scale
-                and local.shape[0] == obj.shape[axis]
-            ):
+        if "/" not in path or not isinstance(obj, h5py.Dataset) or obj.is_scale:
+            return  # root-level datasets are the dimensions themselves
+        parent, name = path.rsplit("/", 1)
+        owner = str(obj.attrs.get("save", name))
+        shape = obj.shape
+        dims = obj.dims
+        for axis in range(len(shape)):
+            label = dims[axis].label or f"{name}_dim{axis}"
+            local = beside(parent, label)
+            if local is not None and local.shape[0] == shape[axis]:
                 # A label scale beside it (/axes/<save>/length over /axes/<save>/prompt).
-                if len(obj.dims[axis]) == 0:
-                    obj.dims[axis].attach_scale(local)
+                if len(dims[axis]) == 0:
+                    dims[axis].attach_scale(local)
                 continue
-            uses.append((obj, axis, label, obj.shape[axis], owner))
+            uses.append((obj, axis, label, shape[axis], owner))
 
     file.visititems(visit)
     # A dimension and a variable of one name are one coordinate variable to netCDF:

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
 
 def provenance(
-    spec_text: str, seed: int, model_attrs: dict[str, str], device: str
+    spec_text: str,
+    seed: int,
+    model_attrs: dict[str, str],
+    device: str,
+    git: Callable[[], tuple[str, bool]] | None = None,
 ) -> dict[str, Any]:
-    """Root attributes of an output file (versions, spec and its hash, git state)."""
+    """Root attributes of an output file (versions, spec and its hash, git state).
+
+    `git` gives the git state asked for earlier (see `git_state_later`).
+    """
     attrs: dict[str, Any] = {
         "nnrun_version": _version("nnrun"),
         "spec": spec_text,
@@ -27,17 +37,35 @@ def provenance(
         "command": " ".join(sys.argv),
         **model_attrs,
     }
-    commit, dirty = _git_state()
+    commit, dirty = (git or _git_state)()
     attrs["git_commit"] = commit
     attrs["git_dirty"] = dirty
     return attrs
 
 
+@functools.cache
 def _version(package: str) -> str:
+    # Once per process: the modules that run are the ones imported first.
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def git_state_later() -> Callable[[], tuple[str, bool]]:
+    """Start asking git for the working directory's state; call the result for it.
+
+    Two git processes take tens of milliseconds: a run asks before loading its model.
+    """
+    found: list[tuple[str, bool]] = []
+    thread = threading.Thread(target=lambda: found.append(_git_state()), daemon=True)
+    thread.start()
+
+    def result() -> tuple[str, bool]:
+        thread.join()
+        return found[0] if found else ("", False)
+
+    return result
 
 
 def _git_state() -> tuple[str, bool]:

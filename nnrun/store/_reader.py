@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,15 @@ import numpy as np
 
 from nnrun.errors import NnrunError
 from nnrun.store._text import read_texts
+from nnrun.store._view import (
+    ReadCache,
+    is_packed,
+    packed_arrays,
+    read_block,
+    save_view,
+    view_axes,
+    view_shape,
+)
 
 # What h5py raises on files it can open but not make sense of (crafted or damaged ones).
 _FORMAT_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError)
@@ -29,9 +39,14 @@ _GROUPS = ("saves", "metrics")
 class Results(Mapping[str, Any]):
     """The saves and metrics of one output file, read on access.
 
-    `results["resid"]` is a torch tensor; `results.array("resid")` a numpy
-    array; `results.axes("resid")` names its axes; `results.prompt_ids("resid")`
-    says which prompt each row holds. Metrics: `results.metric("p_paris")` (numpy),
+    `results["resid"]` acts as a torch tensor but reads lazily: its shape costs no
+    read, `results["resid"][3:5]` reads only those prompts, and a save read whole
+    is kept (up to 1 GiB per Results), so repeated access does not read again.
+    `results.array("resid")` is the numpy array (`prompt="france"` for one prompt's
+    rows); `results.axes("resid")` names its axes; `results.prompt_ids("resid")`
+    says which prompt each row holds. Saves stored packed (ragged tokens) read back
+    in the same padded view; `results.packed("resid")` gives the stored form.
+    Metrics: `results.metric("p_paris")` (numpy),
     `results.metric_names`. A sweep's datasets lead with one axis per sweep
     variable: `results.coords("p_paris")` gives each one's values, and
     `results.failed_points()` the points that failed, with their errors.
@@ -62,6 +77,9 @@ class Results(Mapping[str, Any]):
                     )
                 self._names = found["saves"]
                 self.metric_names = found["metrics"]
+                self._cache = ReadCache()
+                # The same lazy tensor while a caller holds it (it keeps what it read).
+                self._views: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
         except OSError as e:
             raise NnrunError(f"cannot read '{self.path}' as an HDF5 file: {e}") from None
         except _FORMAT_ERRORS as e:
@@ -72,9 +90,12 @@ class Results(Mapping[str, Any]):
         return str(self.attrs.get("status", "unknown"))
 
     def __getitem__(self, name: str) -> Any:
-        import torch
-
-        return torch.from_numpy(self.array(name))
+        view = self._views.get(name)
+        if view is None:
+            self._check_name("saves", name)
+            view = save_view(self, name)
+            self._views[name] = view
+        return view
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -82,20 +103,82 @@ class Results(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._names)
 
-    def array(self, name: str) -> np.ndarray:
-        """The save's values as a numpy array (ragged tokens padded with NaN / -1)."""
-        return self._read("saves", name)
+    def array(self, name: str, prompt: str | list[str] | None = None) -> np.ndarray:
+        """The save's values as a numpy array (ragged tokens padded with NaN / -1).
+
+        With `prompt` (an id, or a list of ids) only those prompts' rows are read; one
+        id drops the prompt axis, as an integer index would. The whole array is kept
+        once read (see the class doc): copy it before changing it in place.
+        """
+        if prompt is None:
+            return self._read("saves", name)
+        ids = self.prompt_ids(name)
+        wanted = [prompt] if isinstance(prompt, str) else list(prompt)
+        missing = [p for p in wanted if p not in ids]
+        if missing:
+            raise KeyError(
+                f"save '{name}' has no prompt {missing[0]!r} (its prompts: {', '.join(ids[:10])}"
+                f"{' ...' if len(ids) > 10 else ''})"
+            )
+        slots = [ids.index(p) for p in wanted]
+        _, lead, _ = self._view_meta(name)
+        key = (slice(None),) * (lead - 1) + (slots[0] if isinstance(prompt, str) else slots,)
+        return self[name][key].numpy()
 
     def metric(self, name: str) -> np.ndarray:
         """A metric's values: axes (sweep variables..., prompt); NaN where a point failed."""
         return self._read("metrics", name)
+
+    def packed(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A save's real tokens as stored packed: (values, offsets, lengths).
+
+        values is (sweep..., packed token, [layer], value axes...); offsets and lengths
+        are (sweep..., prompt[, step]): prompt i's tokens are values[..., o:o + n, ...].
+        A save stored padded is packed here from its padded view (its lengths, or its
+        whole token axis when it is not ragged), so the answer is the same for both.
+        """
+        from nnrun.store._packed import pack, unit_offsets
+
+        self._check_name("saves", name)
+        try:
+            with h5py.File(self.path, "r") as f:
+                ds = f["saves"][name]
+                if is_packed(ds):
+                    return packed_arrays(f, ds)
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read save '{name}' of {self.path}: {e}") from None
+        data, axes = self.array(name), self.axes(name)
+        lengths = self.lengths(name)
+        lead = axes.index("prompt")
+        token = axes.index("token")
+        stepped = "step" in axes
+        if lengths is None:
+            lengths = np.full(data.shape[: lead + 1 + int(stepped)], data.shape[token])
+            if stepped:
+                lengths = np.full(
+                    (*data.shape[: lead + 1], data.shape[axes.index("step")]), data.shape[token]
+                )
+        points = data.shape[:lead]
+        flat_parts, offsets = [], np.zeros(lengths.shape, dtype=np.int64)
+        for q in np.ndindex(*points):
+            values, counts = pack(data[q], lengths[q], layered="layer" in axes, stepped=stepped)
+            flat_parts.append(values)
+            offsets[q] = unit_offsets(0, counts)
+        size = max((len(v) for v in flat_parts), default=0)
+        rest = flat_parts[0].shape[1:]
+        values = np.full(
+            (*points, size, *rest), np.nan if data.dtype.kind == "f" else -1, data.dtype
+        )
+        for q, part in zip(np.ndindex(*points), flat_parts):
+            values[q][: len(part)] = part
+        return values, offsets, lengths.astype(np.int64)
 
     def axes(self, name: str) -> list[str]:
         """The axis names of a save or metric, outermost first (its `axes` attribute)."""
         with h5py.File(self.path, "r") as f:
             ds = self._dataset(f, name)
             try:
-                axes = json.loads(_plain(ds.attrs["axes"]))
+                axes = view_axes(ds)  # a packed save: the axes of its padded view
             except (*_FORMAT_ERRORS, json.JSONDecodeError):
                 axes = None
         if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
@@ -252,16 +335,58 @@ class Results(Mapping[str, Any]):
             raise NnrunError(f"cannot read /{group_name} of {self.path}: {e}") from None
         return dict(zip(ids, texts))
 
-    def _read(self, group: str, name: str) -> np.ndarray:
+    def _check_name(self, group: str, name: str) -> None:
         names = self._names if group == "saves" else self.metric_names
         if name not in names:
             known = ", ".join(names) or "none"
             raise KeyError(f"no {group[:-1]} '{name}' in {self.path} ({group}: {known})")
+
+    def _read(self, group: str, name: str) -> np.ndarray:
+        """A save's padded view or a metric, whole; kept for the next read."""
+        self._check_name(group, name)
+        found = self._cache.get((group, name))
+        if found is not None:
+            return found
         try:
             with h5py.File(self.path, "r") as f:
-                return f[group][name][()]
+                ds = f[group][name]
+                if group == "saves" and is_packed(ds):
+                    lead = view_axes(ds).index("prompt") + 1
+                    shape = view_shape(f, ds)
+                    values = read_block(f, ds, tuple(slice(0, d) for d in shape[:lead]))
+                else:
+                    values = ds[()]
         except _FORMAT_ERRORS as e:
             raise NnrunError(f"cannot read {group[:-1]} '{name}' of {self.path}: {e}") from None
+        return self._cache.put((group, name), values)
+
+    def _view_meta(self, name: str) -> tuple[tuple[int, ...], int, np.dtype]:
+        """(padded shape, how many leading axes index rows, numpy dtype) of a save."""
+        self._check_name("saves", name)
+        try:
+            with h5py.File(self.path, "r") as f:
+                ds = f["saves"][name]
+                axes = view_axes(ds)
+                lead = axes.index("prompt") + 1 if "prompt" in axes else 0
+                return view_shape(f, ds), lead, ds.dtype
+        except (*_FORMAT_ERRORS, json.JSONDecodeError) as e:
+            raise NnrunError(f"cannot read save '{name}' of {self.path}: {e}") from None
+
+    def _rows(self, name: str, reads: tuple[slice, ...]) -> np.ndarray:
+        """The padded view of the rows `reads` selects (a slice per leading axis)."""
+        whole = self._cache.get(("saves", name))
+        if whole is not None:
+            return whole[reads]
+        key = ("rows", name, tuple((r.start, r.stop) for r in reads))
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        try:
+            with h5py.File(self.path, "r") as f:
+                block = read_block(f, f["saves"][name], reads)
+        except _FORMAT_ERRORS as e:
+            raise NnrunError(f"cannot read save '{name}' of {self.path}: {e}") from None
+        return self._cache.put(key, block)
 
     def _dataset(self, f: h5py.File, name: str) -> h5py.Dataset:
         for group, names in (("saves", self._names), ("metrics", self.metric_names)):

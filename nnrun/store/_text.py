@@ -33,6 +33,14 @@ def storable_texts(group: h5py.Group, column: str, start: int, texts: list[Any])
 
     `start` is the row of `texts[0]` in the column.
     """
+    strings = [t for t in texts if isinstance(t, str)]
+    joined = "".join(strings)
+    if "\x00" not in joined:
+        try:
+            joined.encode("utf-8")
+            return texts  # the usual case: every text fits as it is (checked at once)
+        except UnicodeEncodeError:
+            pass
     out: list[Any] = []
     exact_rows: list[int] = []
     exact: list[np.ndarray] = []

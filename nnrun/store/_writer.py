@@ -9,13 +9,23 @@ One whose disk fills up leaves nothing (see `_faults`).
 Every dataset's leading axes are the sweep's (none without a sweep), then
 `prompt`; each batch row is written to the (point, prompt) slots its plan gives
 it, so a row shared by many sweep points is computed once and written to each.
+A save whose token axis is ragged (`tokens: all`, slices) is stored packed by
+default: only real tokens, on one flat axis with per-prompt offsets (`_packed`).
+Batches are merged before they are written (`_buffer`): few, big HDF5 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +36,7 @@ import h5py
 import numpy as np
 
 from nnrun.errors import NnrunError, OutputError
+from nnrun.store._buffer import merge_results, result_bytes
 from nnrun.store._faults import (
     abandon_hdf5,
     check_room,
@@ -35,6 +46,7 @@ from nnrun.store._faults import (
 )
 from nnrun.store._meta import PromptMeta
 from nnrun.store._netcdf import add_netcdf_dimensions
+from nnrun.store._packed import PackedSave, flat_chunk, pack, unit_offsets
 from nnrun.store._paths import partial_path
 from nnrun.store._signals import check_interrupted, signals_deferred
 from nnrun.store._text import storable_texts
@@ -45,9 +57,13 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 STR = h5py.string_dtype()
-_CHUNK_BYTES = (
-    1 << 20
-)  # chunks of about 1 MiB: big enough to write fast, small enough to read a slice
+# Chunks of about 1 MiB (never more than the data): big enough to write fast, small
+# enough to read a slice, and a small run's file stays about the size of its values.
+_CHUNK_BYTES = 1 << 20
+# Batches are kept and written together until one of these is reached (see _buffer).
+_FLUSH_BYTES = 4 << 20
+_FLUSH_ROWS = 1024
+_FLUSH_SECONDS = 2.0
 
 # Point status in /sweep/status.
 PENDING, DONE, FAILED = 0, 1, 2
@@ -94,6 +110,7 @@ class OutputWriter:
         sweep: SweepLayout | None = None,
         resume: bool = False,
         prompt_meta: Callable[[], Iterator[tuple[str, dict[str, Any]]]] | None = None,
+        expected_rows: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = partial_path(self.path)
@@ -116,6 +133,18 @@ class OutputWriter:
         # Extra fields of a JSONL prompt file, kept under /prompts/meta (see _meta.py);
         # a sweep streams the same file for every point, so they are kept once.
         self.meta = PromptMeta(prompt_meta) if prompt_meta is not None and sweep is None else None
+        # Streamed prompts: how many there will be (sizes the chunks of growing axes).
+        self.expected_rows = expected_rows if prompt_ids is None else len(prompt_ids)
+        # Batches not written yet (see _buffer), their bytes, and when the first came.
+        self._pending: list[BatchResult] = []
+        self._pending_bytes = 0
+        self._pending_since = 0.0
+        # Packed saves: the next free index of each (dataset, point)'s flat axis, and
+        # the widest padded batch seen (the padded view's token width).
+        self._flat_next: dict[tuple[str, int], int] = {}
+        self._widths: dict[str, int] = {}
+        # Groups and datasets by path: an h5py lookup costs more than a small write.
+        self._nodes: dict[str, Any] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -149,6 +178,15 @@ class OutputWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.file is None:  # abandoned after a failed write: nothing left to finish
             return
+        if exc_type is None:
+            self.flush()
+        elif not isinstance(exc, OutputError):
+            # Batches computed before an interrupt or a failing batch still go in the
+            # partial file; if that cannot be done, the file holds what it holds.
+            with contextlib.suppress(Exception):
+                self.flush()
+            if self.file is None:  # the flush failed to write and gave the file up
+                return
         try:
             self._finish_axes()
             count = len(self.prompt_ids or ()) or self.appended.get("prompts", 0)
@@ -164,6 +202,7 @@ class OutputWriter:
             return
         try:
             # The point of no return: a signal now waits until the output is complete.
+            self._nodes.clear()
             with signals_deferred():
                 self.file.attrs["status"] = "complete"
                 self.file.close()
@@ -185,6 +224,7 @@ class OutputWriter:
 
     def _give_up(self, failure: BaseException, doing: str = "write") -> OutputError:
         """Remove a file HDF5 can no longer write (see `_faults`); the error to raise."""
+        self._nodes.clear()
         if self.file is not None:
             abandon_hdf5(self.file, self.tmp_path)
             self.file = None
@@ -197,6 +237,7 @@ class OutputWriter:
     def _close_partial(self, e: BaseException | None) -> None:
         """Close the file as it stands (status partial), or give it up if that fails."""
         assert self.file is not None
+        self._nodes.clear()
         try:
             if e is not None and "error" not in self.file.attrs:
                 self.file.attrs["error"] = f"{type(e).__name__}: {e}"
@@ -220,6 +261,7 @@ class OutputWriter:
 
     def register(self, plan: Plan) -> None:
         """Learn a plan's save and metric variants and where each of its rows goes."""
+        self.flush()  # batches taken so far belong to the previous plan's layouts
         for layout in plan.saves:
             self.saves[layout.variant] = layout
         for metric in plan.metrics:
@@ -238,10 +280,63 @@ class OutputWriter:
     # -- writing -------------------------------------------------------------
 
     def write(self, result: BatchResult) -> None:
-        """Write one micro-batch: its prompts, each save's and each metric's values."""
+        """Take one micro-batch: its prompts, each save's and each metric's values.
+
+        Batches are written a few at a time (see `flush`); `mark_points` and the end
+        of the run write whatever is left first.
+        """
         check_interrupted()  # a signal swallowed where it arrived stops the run here
-        # Before HDF5 is asked to write anything it may fail to write (see _faults).
-        check_room(self.tmp_path, _batch_bytes(result))
+        wait = getattr(result, "wait", None)
+        if wait is not None:  # values still on their way from the GPU
+            wait()
+        result = self._packed_on_arrival(result)
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(result)
+        self._pending_bytes += result_bytes(result)
+        rows = sum(len(r.rows or r.prompt_ids) for r in self._pending)
+        if (
+            self._pending_bytes >= _FLUSH_BYTES
+            or rows >= _FLUSH_ROWS
+            or time.monotonic() - self._pending_since >= _FLUSH_SECONDS
+        ):
+            self.flush()
+
+    def _packed_on_arrival(self, result: BatchResult) -> BatchResult:
+        """The batch with each save stored packed already packed (see PackedSave)."""
+        packed = {}
+        for key, save in result.saves.items():
+            layout = self.saves.get(key)
+            if layout is not None and is_packed(layout) and not isinstance(save, PackedSave):
+                packed[key] = _pack_save(save, layout)
+        if not packed:
+            return result
+        return dataclasses.replace(result, saves={**result.saves, **packed})
+
+    def flush(self) -> None:
+        """Write the batches taken so far, as one."""
+        if not self._pending or self.file is None:
+            self._pending = []
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        result = merge_results(pending)
+        try:
+            # Before HDF5 is asked to write anything it may fail to write (see _faults).
+            check_room(self.tmp_path, _batch_bytes(result))
+        except OutputError:
+            if len(pending) == 1:
+                raise
+            # Short of room for them all: as many as fit go in, one by one.
+            for one in pending:
+                self._pending = [one]
+                self.flush()
+            return
+        del pending
+        self._write_checked(result)
+        del result
+        release_memory()
+
+    def _write_checked(self, result: BatchResult) -> None:
         with quiet_failed_closes():
             try:
                 self._write(result)
@@ -257,11 +352,12 @@ class OutputWriter:
             dests = self._append("prompts", len(rows))
         else:
             dests = [self.prompt_targets[row] for row in rows]
+        prompts = self._node("prompts")
         self._write_token_rows(
-            self.file["prompts"], dests, result.token_ids, id=result.prompt_ids, text=result.texts
+            prompts, dests, result.token_ids, id=result.prompt_ids, text=result.texts
         )
         if self.meta is not None:
-            self.meta.append(self.file["prompts"], result.prompt_ids)
+            self.meta.append(prompts, result.prompt_ids)
         if result.token_texts is not None:
             self._write_token_texts(dests, result.token_texts)
         if result.generated is not None:
@@ -270,6 +366,11 @@ class OutputWriter:
         for key, save in result.saves.items():
             layout = self.saves[key]
             targets = self._targets(layout, save.prompt_ids)
+            if isinstance(save, PackedSave):
+                self._write_packed(layout.name, layout, save.values, save, targets)
+                for suffix, values in save.extra.items():
+                    self._write_packed(f"{layout.name}.{suffix}", layout, values, save, targets)
+                continue
             self._write_save(layout.name, layout, save.data, save, targets)
             for suffix, tensor in save.extra.items():
                 self._write_save(f"{layout.name}.{suffix}", layout, tensor, save, targets)
@@ -281,6 +382,7 @@ class OutputWriter:
 
     def mark_points(self, done: list[int], failed: dict[int, str] | None = None) -> None:
         """Record points as written (resume skips them) or failed, with their error."""
+        self.flush()  # a point is done only once its rows are in the file
         if self.file is None or "sweep" not in self.file:
             return
         group = self.file["sweep"]
@@ -305,6 +407,18 @@ class OutputWriter:
         start = self.appended.get(name, 0)
         self.appended[name] = start + count
         return [[(self.point, start + i)] for i in range(count)]
+
+    def _node(self, path: str) -> Any:
+        """The group or dataset at `path` (kept: the file's objects never move)."""
+        found = self._nodes.get(path)
+        if found is None:
+            assert self.file is not None
+            found = self._nodes[path] = self.file[path]
+        return found
+
+    def _exists(self, path: str) -> bool:
+        assert self.file is not None
+        return path in self._nodes or path in self.file
 
     def _metric_names(self) -> set[str]:
         return {m.name for m in self.metrics.values()}
@@ -331,10 +445,9 @@ class OutputWriter:
         data, torch_dtype = _to_numpy(tensor)
         token_axis = layout.token_axis  # in data (R, [L], [S], T, ...)
         ragged = save.counts is not None
-        saves = self.file["saves"]
-        if name not in saves:
+        if not self._exists(f"saves/{name}"):
             self._create_save(name, data, layout, ragged, torch_dtype)
-        ds = saves[name]
+        ds = self._node(f"saves/{name}")
         n = len(self.lead)
         width = data.shape[token_axis]
         # The token axis (ragged saves) and a pattern's key axis grow with the batches.
@@ -342,7 +455,9 @@ class OutputWriter:
             if data.shape[axis] > ds.shape[n + axis]:
                 ds.resize(data.shape[axis], axis=n + axis)
         own = tuple(slice(0, size) for size in data.shape[token_axis + 1 :])
-        lengths = self.file["axes"][layout.name].get("length") if name == layout.name else None
+        lengths = None
+        if name == layout.name and self._exists(f"axes/{layout.name}/length"):
+            lengths = self._node(f"axes/{layout.name}/length")
         counts = save.counts.numpy() if ragged else None
         for (start, stop), (point, slot) in _runs(targets):
             self._ensure_rows(ds, slot + stop - start)
@@ -356,6 +471,47 @@ class OutputWriter:
                 lengths[where[:-1] + block] = counts[start:stop]
             if name == layout.name:
                 self._append_labels(layout.name, block, save.prompt_ids[start:stop])
+
+    def _write_packed(
+        self,
+        name: str,
+        layout: SaveLayout,
+        flat: np.ndarray,
+        save: PackedSave,
+        targets: list[list[tuple[int, int]]],
+    ) -> None:
+        """Append each row's real tokens to its point's flat axis; record offsets, lengths."""
+        counts = save.counts
+        starts = np.concatenate([[0], np.cumsum(save.row_tokens)])
+        if not self._exists(f"saves/{name}"):
+            per_row = float(starts[-1]) / max(len(counts), 1)
+            # A companion (topk indices) is stored in its own dtype, as torch names it.
+            dtype = save.torch_dtype if name == layout.name else str(flat.dtype)
+            self._create_packed(name, flat, layout, dtype, save.width, per_row)
+        ds = self._node(f"saves/{name}")
+        if save.width > self._widths.setdefault(name, int(ds.attrs["padded_width"])):
+            ds.attrs["padded_width"] = self._widths[name] = save.width
+        n = len(self.lead)
+        for (start, stop), (point, slot) in _runs(targets):
+            lo, hi = int(starts[start]), int(starts[stop])
+            base = self._flat_next.get((name, point), 0)
+            self._flat_next[(name, point)] = base + hi - lo
+            if base + hi - lo > ds.shape[n]:
+                ds.resize(base + hi - lo, axis=n)
+            where = self._dest(point, slot)
+            if hi > lo:
+                ds[where[:-1] + (slice(base, base + hi - lo),)] = flat[lo:hi]
+            if name != layout.name:  # a companion (topk indices) shares the save's offsets
+                continue
+            block = (slice(where[-1], where[-1] + stop - start),)
+            for column, values in (
+                ("offset", unit_offsets(base, counts[start:stop])),
+                ("length", counts[start:stop]),
+            ):
+                column_ds = self._node(f"axes/{layout.name}/{column}")
+                self._ensure_rows(column_ds, slot + stop - start)
+                column_ds[where[:-1] + block] = values
+            self._append_labels(layout.name, block, save.prompt_ids[start:stop])
 
     def _write_metric(
         self,
@@ -379,7 +535,7 @@ class OutputWriter:
         """Streamed prompts: label the new rows of /axes/<name>/prompt with their ids."""
         if self.prompt_ids is not None:
             return  # fixed prompt axes are labelled when created
-        labels = self.file["axes"][name]["prompt"]
+        labels = self._node(f"axes/{name}/prompt")
         self._ensure_rows(labels, block[0].stop)
         labels[block] = rows
 
@@ -411,9 +567,61 @@ class OutputWriter:
             shape=shape,
             maxshape=tuple(maxshape),
             dtype=data.dtype,
-            chunks=_chunks(shape, data.dtype.itemsize, n),
+            chunks=_chunks(shape, data.dtype.itemsize, n, self.expected_rows),
             fillvalue=fill,
         )
+        self._describe_save(ds, layout, axes, torch_dtype, fill, ragged)
+        if name == layout.name:  # a companion dataset (topk indices) shares the save's axes
+            self._create_axes_group(layout, prompts, lengths=ragged, offsets=False)
+
+    def _create_packed(
+        self,
+        name: str,
+        flat: np.ndarray,
+        layout: SaveLayout,
+        torch_dtype: str,
+        width: int,
+        tokens_per_row: float,
+    ) -> None:
+        """A packed save: (sweep..., packed, [layer], value...) plus offsets and lengths."""
+        n = len(self.lead)
+        own = flat.shape[1:]  # ([L], *value)
+        value = own[1:] if layout.layered else own
+        names = self._own_axes(value, layout)
+        axes = [*self._lead_dims(), "packed", *(["layer"] if layout.layered else []), *names]
+        prompts = self._prompt_count(layout.prompts)
+        rows = prompts or self.expected_rows
+        # An eighth of the expected tokens per chunk (up to ~1 MiB): a run that writes a
+        # little more or less than expected wastes little of its last chunk.
+        expected = None if not rows else max(1.0, tokens_per_row * rows / 8)
+        per_token = flat.dtype.itemsize * math.prod(own)
+        fill = np.nan if flat.dtype.kind == "f" else -1
+        ds = self.file["saves"].create_dataset(
+            name,
+            shape=(*self.lead, 0, *own),
+            maxshape=(*self.lead, None, *own),
+            dtype=flat.dtype,
+            chunks=(*(1,) * n, flat_chunk(per_token, expected, _CHUNK_BYTES), *own),
+            fillvalue=fill,
+        )
+        self._describe_save(ds, layout, axes, torch_dtype, fill, True)
+        ds.attrs["layout"] = "packed"
+        # What the reader gives back: the padded layout's axes and token width.
+        ds.attrs["padded_axes"] = json.dumps([*self._lead_dims(), *layout.leading_axes, *names])
+        ds.attrs["padded_width"] = width
+        ds.attrs["offsets"] = f"/axes/{layout.name}/offset"
+        if name == layout.name:
+            self._create_axes_group(layout, prompts, lengths=True, offsets=True)
+
+    def _describe_save(
+        self,
+        ds: h5py.Dataset,
+        layout: SaveLayout,
+        axes: list[str],
+        torch_dtype: str,
+        fill: Any,
+        ragged: bool,
+    ) -> None:
         ds.attrs["axes"] = json.dumps(axes)
         ds.attrs["save"] = layout.name
         ds.attrs["at"] = layout.at
@@ -425,25 +633,35 @@ class OutputWriter:
         ds.attrs["torch_dtype"] = torch_dtype
         ds.attrs["ragged"] = ragged
         ds.attrs["fill_value"] = fill
+        ds.attrs["layout"] = "padded"
         if ragged:
             ds.attrs["lengths"] = f"/axes/{layout.name}/length"
-        if name != layout.name:  # a companion dataset (topk indices) shares the save's axes
-            return
-        group = self.file["axes"].require_group(name)
+
+    def _create_axes_group(
+        self, layout: SaveLayout, prompts: int, *, lengths: bool, offsets: bool
+    ) -> None:
+        """/axes/<save>: prompt labels, real tokens per prompt (and packed offsets), layer
+        sites, steps and listed token positions."""
+        n = len(self.lead)
+        group = self.file["axes"].require_group(layout.name)
         self._prompt_labels(group, layout.prompts)
-        if ragged:
-            # (sweep..., prompt) or, when generating, (sweep..., prompt, step): real tokens
-            steps = () if layout.steps is None else (len(layout.steps),)
-            lead_max = (*self.lead, None if self.prompt_ids is None else prompts)
-            lengths = group.create_dataset(
-                "length",
-                shape=(*self.lead, prompts, *steps),
+        # (sweep..., prompt) or, when generating, (sweep..., prompt, step): real tokens
+        steps = () if layout.steps is None else (len(layout.steps),)
+        lead_max = (*self.lead, None if self.prompt_ids is None else prompts)
+        shape = (*self.lead, prompts, *steps)
+        columns = [("length", np.int32)] if lengths else []
+        if offsets:
+            columns.append(("offset", np.int64))
+        for column, dtype in columns:
+            ds = group.create_dataset(
+                column,
+                shape=shape,
                 maxshape=(*lead_max, *steps),
-                dtype=np.int32,
-                chunks=_chunks((*self.lead, max(prompts, 1), *steps), 4, n),
+                dtype=dtype,
+                chunks=_chunks(shape, np.dtype(dtype).itemsize, n, self.expected_rows),
             )
-            for i, axis in enumerate([*self._lead_dims(), "prompt", "step"][: lengths.ndim]):
-                lengths.dims[i].label = axis
+            for i, axis in enumerate([*self._lead_dims(), "prompt", "step"][: ds.ndim]):
+                ds.dims[i].label = axis
         if layout.steps is not None:
             group.create_dataset("step", data=np.array(layout.steps, dtype=np.int64))
         if layout.layered:
@@ -463,7 +681,7 @@ class OutputWriter:
             shape=shape,
             maxshape=(*self.lead, None if self.prompt_ids is None else prompts),
             dtype=dtype,
-            chunks=_chunks(shape, dtype.itemsize, len(self.lead)),
+            chunks=_chunks(shape, dtype.itemsize, len(self.lead), self.expected_rows),
             fillvalue=fill,
         )
         ds.attrs["axes"] = json.dumps([*self._lead_dims(), "prompt"])
@@ -475,7 +693,8 @@ class OutputWriter:
 
     def _prompt_labels(self, group: h5py.Group, selected: tuple[str, ...] | None) -> None:
         if self.prompt_ids is None:
-            group.create_dataset("prompt", shape=(0,), maxshape=(None,), dtype=STR, chunks=(1024,))
+            rows = min(1024, self.expected_rows or 1024)
+            group.create_dataset("prompt", shape=(0,), maxshape=(None,), dtype=STR, chunks=(rows,))
             return
         labels = [p for p in self.prompt_ids if selected is None or p in selected]
         group.create_dataset("prompt", data=np.array(labels, dtype=object), dtype=STR)
@@ -538,14 +757,18 @@ class OutputWriter:
         n = len(self.lead)
         for column, dtype in (*columns, ("text", STR), ("length", np.int32)):
             group.create_dataset(
-                column, shape=lead, maxshape=lead_max, dtype=dtype, chunks=_chunks(lead, 16, n)
+                column,
+                shape=lead,
+                maxshape=lead_max,
+                dtype=dtype,
+                chunks=_chunks(lead, 16, n, self.expected_rows),
             )
         tokens = group.create_dataset(
             "input_ids" if ids else "ids",
             shape=(*lead, 1),
             maxshape=(*lead_max, None),
             dtype=np.int64,
-            chunks=_chunks((*lead, 64), 8, n),
+            chunks=_chunks((*lead, 64), 8, n, self.expected_rows),
             fillvalue=-1,
         )
         tokens.attrs["fill_value"] = -1
@@ -564,18 +787,21 @@ class OutputWriter:
         **columns: list[Any],
     ) -> None:
         """Write token rows (widening the padded matrix as needed) and their columns."""
-        tokens = group["input_ids" if "input_ids" in group else "ids"]
+        base = group.name.strip("/")
+        tokens = self._node(f"{base}/{'input_ids' if base == 'prompts' else 'ids'}")
         width = max(tokens.shape[-1], max((len(t) for t in rows), default=1))
         if width > tokens.shape[-1]:
             tokens.resize(width, axis=tokens.ndim - 1)
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         block = np.full((len(rows), width), -1, dtype=np.int64)
-        for row, toks in enumerate(rows):
-            block[row, : len(toks)] = toks
-        values = {**columns, "length": [len(t) for t in rows]}
+        flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
+        block[np.arange(width) < lengths[:, None]] = flat  # each row's ids, then -1
+        values = {**columns, "length": lengths}
         for (start, stop), (point, slot) in _runs(dests):
             where = self._dest(point, slot)
             index = where[:-1] + (slice(where[-1], where[-1] + stop - start),)
-            for ds in (tokens, *(group[name] for name in values)):
+            columns_ds = {name: self._node(f"{base}/{name}") for name in values}
+            for ds in (tokens, *columns_ds.values()):
                 self._ensure_rows(ds, slot + stop - start)
             tokens[index] = block[start:stop]
             flat = int(
@@ -585,7 +811,7 @@ class OutputWriter:
                 part = list(column[start:stop])
                 if name != "length":  # strings: keep any text HDF5 cannot hold exactly beside it
                     part = storable_texts(group, name, flat, part)
-                group[name][index] = part
+                columns_ds[name][index] = part
 
     def _write_token_texts(
         self, dests: list[list[tuple[int, int]]], texts: list[list[str]]
@@ -673,10 +899,61 @@ def read_partial(path: Path) -> dict[str, Any] | None:
         ) from None
 
 
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def release_memory() -> None:
+    """Give the memory of batches just written back to the system (glibc only).
+
+    Batches come and go in sizes of megabytes, and glibc raises its threshold for
+    giving such blocks back each time one is freed: without this, a long run's
+    resident memory creeps up by tens of megabytes before it settles.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _pack_save(save: SaveBatch, layout: SaveLayout) -> PackedSave:
+    """A save's rows of one batch, packed (see `_packed`)."""
+    data, torch_dtype = _to_numpy(save.data)
+    token_axis = layout.token_axis
+    stepped = layout.steps is not None
+    if save.counts is not None:
+        counts = save.counts.numpy()
+    else:  # a fixed selection stored packed on request: every slot is real
+        counts = np.full(
+            (data.shape[0], *([data.shape[token_axis - 1]] if stepped else [])),
+            data.shape[token_axis],
+        )
+    values, counts = pack(data, counts, layered=layout.layered, stepped=stepped)
+    extra = {
+        k: pack(_to_numpy(t)[0], counts, layered=layout.layered, stepped=stepped)[0]
+        for k, t in save.extra.items()
+    }
+    return PackedSave(
+        values=values,
+        counts=counts,
+        prompt_ids=list(save.prompt_ids),
+        width=data.shape[token_axis],
+        torch_dtype=torch_dtype,
+        extra=extra,
+    )
+
+
 def _batch_bytes(result: BatchResult) -> int:
     """About how many bytes a batch adds to the file (each save may also open a chunk)."""
     total = sum(len(t) * 8 for t in result.token_ids) + sum(len(t) * 4 for t in result.texts)
     for save in result.saves.values():
+        if isinstance(save, PackedSave):
+            nbytes = save.values.nbytes + sum(v.nbytes for v in save.extra.values())
+            total += 2 * nbytes + _CHUNK_BYTES
+            continue
         for tensor in (save.data, *save.extra.values()):
             nbytes = tensor.numel() * tensor.element_size()
             total += 2 * nbytes + _CHUNK_BYTES  # the values, and a chunk a batch may start
@@ -707,17 +984,30 @@ def _runs(
     return out
 
 
-def _chunks(shape: tuple[int, ...], itemsize: int, lead: int) -> tuple[int, ...]:
+def is_packed(layout: Any) -> bool:
+    """Whether a save is stored packed: on request, or by default when its token axis is
+    ragged (`tokens: all`, a slice, `find`); a listed selection is exact when padded."""
+    if getattr(layout, "kind", "value") == "pattern":
+        return False  # its key axis is ragged too: stored padded (see the spec's check)
+    choice = getattr(layout, "layout", None) or "auto"
+    return choice == "packed" or (choice == "auto" and layout.tokens.kind != "list")
+
+
+def _chunks(
+    shape: tuple[int, ...], itemsize: int, lead: int, grow: int | None = None
+) -> tuple[int, ...]:
     """About 1 MiB chunks: whole trailing axes, then prompts, then sweep points.
 
     Axes are filled from the prompt axis outwards (`lead` is its index) while the
     chunk stays under the target; once an axis does not fit whole, outer ones get 1.
+    A growing prompt axis (size 0 when created) is sized for `grow` rows when the run
+    knows how many it will write, so a small run never allocates a big chunk.
     """
     chunk = [max(1, d) for d in shape]
     size = itemsize * math.prod(chunk[lead + 1 :])
     whole = True
     for axis in range(lead, -1, -1):
-        extent = shape[axis] if shape[axis] > 0 else 4096  # a growing axis: room to grow
+        extent = shape[axis] if shape[axis] > 0 else (grow or 4096)  # a growing axis
         take = max(1, min(extent, _CHUNK_BYTES // max(size, 1))) if whole else 1
         chunk[axis] = take
         size *= take
