@@ -395,6 +395,10 @@ def test_patterns_refused_under_an_explicit_other_kernel(tiny_llama: Path, tmp_p
     spec["model"]["attn_implementation"] = "eager"
     with pytest.raises(CompileError, match="changes nothing downstream"):
         run_spec(tmp_path, spec)
+    del spec["edits"]
+    spec["save"]["p"]["layout"] = "packed"  # a pattern is ragged on two axes: padded only
+    with pytest.raises(CompileError, match=r"save\.p\.layout: an attention pattern is stored"):
+        run_spec(tmp_path, spec)
 
 
 def test_unknown_attention_kernel_is_a_spec_error() -> None:

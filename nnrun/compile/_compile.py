@@ -112,6 +112,11 @@ def compile_point(data: dict[str, Any], model: nn.Module, tokenizer: Any = None)
                     f"{path}: attention weights are saved from the prompt pass only (later "
                     f"steps attend over a growing cache); give it steps: 0"
                 )
+            if save.get("layout") == "packed":
+                raise CompileError(
+                    f"{path}.layout: an attention pattern is stored padded (its key axis is "
+                    "as ragged as its query axis); use layout: auto or padded"
+                )
         heads = None
         own = None
         for layer, site in enumerate(sites):
