@@ -17,9 +17,15 @@ from typing import Any
 from nnrun._run import ProgressFn, RunProgress, clear_cache
 from nnrun.errors import NnrunError
 from nnrun.spec import LoadedSpec, check_spec
-from nnrun.store import Results, load
+from nnrun.store import Results, describe_saves, load, top_next_tokens
 
-__all__ = ["ProgressFn", "RunProgress", "clear_cache"]  # re-exported for nnrun.__init__
+__all__ = [
+    "ProgressFn",
+    "RunProgress",
+    "clear_cache",
+    "describe_saves",
+    "top_next_tokens",
+]  # re-exported for nnrun.__init__
 
 
 def run(
@@ -102,95 +108,6 @@ def run(
         )
         write_output(loaded, target, runner, resume=resume, git=git)
     return load(target)
-
-
-def describe_saves(results: Results) -> dict[str, dict[str, Any]]:
-    """Axes, shape, dtype and size of every dataset under /saves.
-
-    A file from elsewhere may be damaged or crafted: what cannot be read is
-    shown as such instead of failing.
-    """
-    import math
-
-    import h5py
-
-    rows: dict[str, dict[str, Any]] = {}
-    with h5py.File(results.path, "r") as f:
-        for name in results:
-            ds = f["saves"][name]
-            axes = _axes_or_none(results, name)
-            shape = ds.shape
-            dtype = ds.attrs.get("torch_dtype", ds.dtype)
-            rows[name] = {
-                "axes": "(unreadable axes attribute)" if axes is None else ", ".join(axes),
-                "shape": "(empty)" if shape is None else str(tuple(shape)),
-                "dtype": dtype.decode("utf-8", "replace")
-                if isinstance(dtype, bytes)
-                else str(dtype),
-                "bytes": 0 if shape is None else math.prod(shape) * ds.dtype.itemsize,
-            }
-    return rows
-
-
-def _axes_or_none(results: Results, name: str) -> list[str] | None:
-    from nnrun.errors import NnrunError
-
-    try:
-        return results.axes(name)
-    except NnrunError:
-        return None
-
-
-# Logits read for the top-tokens table at most (a file from elsewhere may declare any size).
-_TOP_TOKENS_MAX_ELEMENTS = 1 << 28
-
-
-def top_next_tokens(results: Results, k: int = 5) -> dict[str, dict[str, list[tuple[str, float]]]]:
-    """For saves of raw logits at one token: each prompt's top-k next tokens.
-
-    Returns {save: {prompt id: [(token text, probability), ...]}}; saves that
-    are not logits at a single position are skipped. The tokenizer is loaded
-    from the model directory recorded in the file, from local files only and
-    never with its own code (`nnrun run` uses this for the file it just wrote;
-    `nnrun show` does not, since a file from elsewhere could name any directory).
-    """
-    import math
-
-    import h5py
-    import numpy as np
-
-    found: dict[str, dict[str, list[tuple[str, float]]]] = {}
-    # Only (prompt, token, vocab) saves: with layer or step axes there is no
-    # single "next token" per prompt.
-    candidates = []
-    with h5py.File(results.path, "r") as f:
-        for name in results:
-            ds = f["saves"][name]
-            if (
-                _axes_or_none(results, name) == ["prompt", "token", "vocab"]
-                and ds.dtype.kind == "f"
-                and ds.ndim == 3
-                and ds.shape[1] == 1
-                and math.prod(ds.shape) <= _TOP_TOKENS_MAX_ELEMENTS
-            ):
-                candidates.append(name)
-    path = results.attrs.get("model_resolved_path")
-    if not candidates or not isinstance(path, str) or not Path(path).is_dir():
-        return found
-    try:
-        tokenizer = results.tokenizer()  # local files only, never the tokenizer's own code
-    except Exception:  # any tokenizer problem only costs the table, never the run
-        return found
-    for name in candidates:
-        logits = results.array(name)  # (prompt, token, vocab)
-        by_prompt = {}
-        for prompt, row in zip(results.prompt_ids(name), logits[:, 0].astype(np.float64)):
-            probs = np.exp(row - row.max())
-            probs /= probs.sum()
-            top = np.argsort(-probs)[:k]
-            by_prompt[prompt] = [(tokenizer.decode([int(i)]), float(probs[i])) for i in top]
-        found[name] = by_prompt
-    return found
 
 
 @dataclass

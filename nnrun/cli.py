@@ -926,12 +926,12 @@ def _print_decoded(results, max_rows: int = 40) -> None:
 
 
 def _print_summary(results, *, decode: bool = False, logits: bool = True) -> None:
-    from nnrun import api
+    from nnrun.store import describe_saves, top_next_tokens
 
     table = Table(title=f"{results.path} ({results.status})")
     for column in ("save", "axes", "shape", "dtype", "bytes"):
         table.add_column(column)
-    for name, row in api.describe_saves(results).items():
+    for name, row in describe_saves(results).items():
         table.add_row(escape(name), row["axes"], row["shape"], row["dtype"], f"{row['bytes']:,}")
     if table.row_count:
         console.print(table)
@@ -948,7 +948,7 @@ def _print_summary(results, *, decode: bool = False, logits: bool = True) -> Non
         _print_decoded(results)
     if not logits:  # show without --decode reads only the file
         return
-    for name, by_prompt in api.top_next_tokens(results).items():
+    for name, by_prompt in top_next_tokens(results).items():
         top = Table(title=f"top next tokens ({name})")
         top.add_column("prompt")
         top.add_column("top tokens (probability)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -448,3 +449,23 @@ def test_every_docs_page_says_what_it_documents() -> None:
     for page in sorted((REPO / "docs").glob("*.md")):
         head = "\n".join(page.read_text().splitlines()[:8])
         assert "Documents:" in head, f"{page.name} does not say which command or spec it documents"
+
+
+def test_show_imports_only_what_reading_a_file_needs(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """`nnrun show` opens fast because it never imports torch, transformers or the run's
+    machinery (measured by what is imported, not by time, which the machine decides)."""
+    out = tmp_path / "lens.h5"
+    nnrun.run(REPO / "specs" / "logit-lens.yaml", [f"model={{path: '{tiny_gpt2}'}}"], output=out)
+    code = (
+        "import sys\n"
+        "from nnrun.cli import app\n"
+        f"code = app(['show', {str(out)!r}], standalone_mode=False)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'nnrun.api', 'nnrun.spec', 'yaml')"
+        " if m in sys.modules]\n"
+        "print('imported:', heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert "save" in done.stdout  # it printed the file's saves
+    assert done.stdout.splitlines()[-1] == "imported: []", done.stdout[-500:]

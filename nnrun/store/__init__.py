@@ -7,6 +7,7 @@ from nnrun.store._lock import claim_output
 from nnrun.store._paths import output_path, partial_path
 from nnrun.store._provenance import provenance
 from nnrun.store._reader import Results, load
+from nnrun.store._summary import describe_saves, top_next_tokens
 from nnrun.store._view import padded_shape, padded_values
 from nnrun.store._writer import FORMAT_VERSION, OutputWriter, SweepLayout, read_partial
 
@@ -20,6 +21,7 @@ __all__ = [
     "SweepLayout",
     "changed_inputs",
     "claim_output",
+    "describe_saves",
     "diff",
     "input_files",
     "load",
@@ -29,4 +31,5 @@ __all__ = [
     "partial_path",
     "provenance",
     "read_partial",
+    "top_next_tokens",
 ]
