@@ -1,4 +1,5 @@
-"""Benchmark: a prompt dataset saved at every token, tiny GPT-2 (2 layers, width 64), CPU.
+"""Benchmark: a prompt dataset saved at every token, tiny GPT-2 (2 layers, width 64); CPU, or cuda where
+there is one (NNRUN_BENCH_DEVICE).
 
 A JSONL file of N prompts (4-20 words; default 2,000), both blocks' outputs saved at
 every token (`tokens: all`: ragged, so stored packed), in one process:
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import REPO, Row, format_table, medians, time_row, tiny_model, write_rows
+from _common import REPO, Row, device, format_table, medians, time_row, tiny_model, write_rows
 
 BATCH = 32
 HIDDEN, LAYERS = 64, 2
@@ -62,7 +63,7 @@ def spec(model: Path, source: Path, layout: str = "auto") -> dict[str, Any]:
     return {
         "nnrun": 1,
         "name": "bench-dataset",
-        "model": {"path": str(model), "device": "cpu"},
+        "model": {"path": str(model), "device": device()},
         "batch_size": BATCH,
         "prompts": {"file": str(source), "id_field": "id"},
         "save": {"h": {"at": "transformer.h.*.output", "tokens": "all", "layout": layout}},
@@ -202,11 +203,11 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
                 end = 0
                 for start in range(0, len(lines), BATCH):
                     texts = [r["text"] for r in lines[start : start + BATCH]]
-                    batch = tok(texts, return_tensors="pt", padding=True)
+                    batch = tok(texts, return_tensors="pt", padding=True).to(hf.device)
                     saved.clear()
                     hf(**batch)
-                    data = torch.stack(saved, dim=2).numpy()  # (B, T, L, d)
-                    flat = data[batch["attention_mask"].bool().numpy()]
+                    data = torch.stack(saved, dim=2).cpu().numpy()  # (B, T, L, d)
+                    flat = data[batch["attention_mask"].bool().cpu().numpy()]
                     values.resize(end + len(flat), axis=0)
                     values[end:] = flat
                     end += len(flat)
