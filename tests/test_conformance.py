@@ -353,7 +353,12 @@ def test_logit_lens_apply_matches_plain_modules(
             want = torch.softmax(modules["lm_head"](modules[sites["norm"]](resid)), dim=-1)
         assert_close(lens[prompt], want, f"{arch} lens[{prompt}]")
         assert_close(top_values[row], want.topk(3, dim=-1).values, f"{arch} top[{prompt}]")
-        assert torch.equal(top_indices[row], want.topk(3, dim=-1).indices)
+        if LOW_PRECISION:
+            # Rounding may reorder near-ties: each picked token must hold a top-3 value.
+            picked = want.gather(-1, top_indices[row].long())
+            assert_close(picked, want.topk(3, dim=-1).values, f"{arch} top.indices[{prompt}]")
+        else:
+            assert torch.equal(top_indices[row], want.topk(3, dim=-1).indices)
 
 
 def test_bert_encoder_saves_match_single_prompt_hooks(tiny_bert: Path, tmp_path: Path) -> None:
