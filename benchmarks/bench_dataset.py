@@ -35,6 +35,7 @@ import torch
 from _common import REPO, Row, device, format_table, medians, time_row, tiny_model, write_rows
 
 BATCH = 32
+UNJUDGED = "; not judged: the target is for 2,000 prompts"
 HIDDEN, LAYERS = 64, 2
 
 
@@ -81,6 +82,8 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
     from nnrun.store import OutputWriter
 
     model_dir = tiny_model()
+    issue_size = count >= 2000  # issue 9's targets are for 2,000 prompts: fixed costs
+    # weigh more in a smaller file, so a smaller run is shown but not judged
     tmp = Path(tempfile.mkdtemp(prefix="nnrun-bench-dataset-"))
     source = prompt_file(tmp / "prompts.jsonl", count)
     loaded = check_spec(spec(model_dir, source))
@@ -99,8 +102,8 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
             os.path.getsize(results.path),
             real,
             "bytes",
-            target=1.10,
-            note=note,
+            target=1.10 if issue_size else None,
+            note=note + ("" if issue_size else UNJUDGED),
         ),
         Row(
             "dataset",
@@ -173,8 +176,9 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
             "MB/s",
             cpu=mb / cpu,
             peer_cpu=mb / peer_cpu,
-            target=0.90,
-            note="write throughput of real values; higher is better",
+            target=0.90 if issue_size else None,
+            note="write throughput of real values; higher is better"
+            + ("" if issue_size else UNJUDGED),
         )
     )
 
@@ -245,8 +249,9 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
             peaks[scale * count],
             peaks[count],
             "MiB",
-            target=1.10,
-            note="each run in a process of its own",
+            target=1.10 if issue_size and scale == 10 else None,
+            note="each run in a process of its own"
+            + ("" if issue_size and scale == 10 else "; the target is for 20,000 vs 2,000"),
         )
     )
     return rows
