@@ -164,10 +164,20 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write every row to this file")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every benchmark (OMP_NUM_THREADS; default 1, 0: torch's "
+        "own choice). On a 2-core machine shared with other work, two threads waiting on "
+        "each other made the SmolLM2 tables 5x slower and their ratios noise",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=1800, help="seconds one table may take (default 1800)"
     )
     args = parser.parse_args()
     chosen = [t for t in TABLES if not args.only or t.name in args.only]
+    if args.threads:  # inherited by every benchmark process (and the versions probe)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     print(machine(), flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="nnrun-bench-run-") as tmp:
