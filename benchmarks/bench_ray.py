@@ -59,7 +59,7 @@ def measure(runs: int, workers: int) -> tuple[dict[str, list[float]], dict[str, 
     )
 
     def local() -> Any:
-        return nnrun.run(loaded, output=tmp / "local.h5", cache=False)
+        return nnrun.run(loaded, output=tmp / "local.h5", cache=False, overwrite=True)
 
     def cold() -> Any:
         return run_ray(loaded, tmp / "ray.h5", options)

@@ -196,7 +196,7 @@ def main() -> None:
     print(format_table(rows))
     judged = [r for r in rows if r.met() is not None]
     met = sum(bool(r.met()) for r in judged)
-    print(f"\n{met} of {len(judged)} targets met.")
+    print(f"\n{met} of {len(judged)} targets met." if judged else "\n(no targets in these rows)")
 
 
 if __name__ == "__main__":
