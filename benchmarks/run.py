@@ -6,14 +6,14 @@ are gathered into one markdown table. Every script checks that the contenders'
 outputs are equal before it times them. A script that fails gives a failed row
 with its error; the others still run.
 
-    .venv/bin/python benchmarks/run.py                 # everything (15-25 min on 2 cores)
-    .venv/bin/python benchmarks/run.py --quick         # under two minutes: fewer runs,
-                                                       # smaller sizes, heavy rows skipped
+    .venv/bin/python benchmarks/run.py                 # everything (about 7 min on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick         # about a minute: fewer runs, smaller
+                                                       # sizes, the SmolLM2-heavy tables skipped
     .venv/bin/python benchmarks/run.py --only tiny     # one table (repeatable)
     .venv/bin/python benchmarks/run.py --json rows.json
 
-NNRUN_BENCH_DEVICE=cuda|cpu picks the device of the SmolLM2 tables (default: cuda
-when there is one); benchmarks/gpu.sh runs this on a GPU.
+NNRUN_BENCH_DEVICE=cuda|cpu picks the device the benchmarks run on (default: cuda
+when there is one); benchmarks/gpu.sh runs the quick table on a GPU.
 """
 
 from __future__ import annotations
