@@ -6,7 +6,7 @@ are gathered into one markdown table. Every script checks that the contenders'
 outputs are equal before it times them. A script that fails gives a failed row
 with its error; the others still run.
 
-    .venv/bin/python benchmarks/run.py                 # everything (about 7 min on 2 cores)
+    .venv/bin/python benchmarks/run.py                 # everything (about 8 min on 2 cores)
     .venv/bin/python benchmarks/run.py --quick         # about a minute: fewer runs, smaller
                                                        # sizes, the SmolLM2-heavy tables skipped
     .venv/bin/python benchmarks/run.py --only tiny     # one table (repeatable)
