@@ -160,7 +160,7 @@ def main() -> None:
         "--only",
         action="append",
         choices=[t.name for t in TABLES],
-        help="run only this table (repeatable)",
+        help="run only this table (repeatable); one --quick skips runs in full",
     )
     parser.add_argument("--json", help="also write every row to this file")
     parser.add_argument(
