@@ -18,6 +18,8 @@ if [ "${1:-}" = "--dry-run" ]; then
   device=cpu
 fi
 python=${NNRUN_PYTHON:-.venv/bin/python}
+# nnrun from this tree even where $NNRUN_PYTHON has it not installed.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ ! -x "$python" ]; then
   echo "== no $python: bash scripts/bootstrap.sh"
   bash scripts/bootstrap.sh || exit 1
