@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -44,6 +45,8 @@ class Row:
     peer_cpu: float | None = None
     target: float | None = None  # the ratio to reach (at most; at least for MB/s)
     note: str = ""
+    limit: float | None = None  # an absolute bound on the wall value instead (unit s)
+    error: str = ""  # the benchmark failed to run: why (value and peer_value are NaN)
 
     @property
     def ratio(self) -> float:
@@ -61,6 +64,10 @@ class Row:
         return self.cpu_ratio if self.cpu_ratio is not None else self.ratio
 
     def met(self) -> bool | None:
+        if self.error:
+            return False
+        if self.limit is not None:
+            return self.value < self.limit
         if self.target is None:
             return None
         if self.unit == "MB/s":
@@ -84,18 +91,32 @@ def format_table(rows: list[Row]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        if r.error or math.isnan(r.value):  # failed, or skipped (said in the note)
+            said = f"**failed**: {_cell(r.error)}" if r.error else _cell(r.note)
+            out.append(
+                f"| {r.table} | {r.workload} | {r.contender} | {r.peer} | | | | | | {said} |"
+            )
+            continue
         value, peer = _show(r.value, r.unit), _show(r.peer_value, r.unit)
         cpu = "" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}x"
-        if r.target is None:
-            target, met = "", ""
+        if r.limit is not None:
+            target = f"< {_show(r.limit, r.unit)}"
+        elif r.target is not None:
+            target = f"{'>=' if r.unit == 'MB/s' else '<='} {r.target:.2f}x"
         else:
-            sign = ">=" if r.unit == "MB/s" else "<="
-            target, met = f"{sign} {r.target:.2f}x", "yes" if r.met() else "**no**"
+            target = ""
+        met = {None: "", True: "yes", False: "**no**"}[r.met()]
+        workload = f"{r.workload} ({r.note})" if r.note else r.workload
         out.append(
-            f"| {r.table} | {r.workload} | {r.contender} | {r.peer} | {value} | {peer} | "
+            f"| {r.table} | {_cell(workload)} | {r.contender} | {r.peer} | {value} | {peer} | "
             f"{r.ratio:.2f}x | {cpu} | {target} | {met} |"
         )
     return "\n".join(out)
+
+
+def _cell(text: str) -> str:
+    """Text fit for one markdown table cell (one line, no column breaks)."""
+    return " ".join(text.split()).replace("|", "/")
 
 
 def _show(value: float, unit: str) -> str:

@@ -18,6 +18,7 @@ The builtin SmolLM2-135M-Instruct (fp32, 30 layers) on the CPU.
 
     .venv/bin/python benchmarks/bench_backward.py --atp
     .venv/bin/python benchmarks/bench_backward.py --memory --prompts 10 100 1000
+    .venv/bin/python benchmarks/bench_backward.py --table --prompts 16 160   # for run.py
 
 Not part of the test suite (tests/test_specs.py and tests/test_gradients.py check the
 same things with thresholds).
@@ -33,6 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from _common import Row, format_table, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTRIES = ["France", "Germany", "Italy", "Spain", "Japan", "England", "Poland", "Greece"]
@@ -76,31 +79,53 @@ def backward_spec(prompts: Path, limit: int) -> dict[str, Any]:
     }
 
 
-def memory(counts: list[int], tmp: Path) -> None:
+def prompt_file(tmp: Path, count: int) -> Path:
+    """`count` capital-city prompts from four templates (seeded), one JSON line each."""
     rng = random.Random(0)
     prompts = tmp / "prompts.jsonl"
     with prompts.open("w") as f:
-        for _ in range(max(counts)):
+        for _ in range(count):
             text = rng.choice(TEMPLATES).format(rng.choice(COUNTRIES))
             f.write(json.dumps({"text": text}) + "\n")
+    return prompts
+
+
+def peak(prompts: Path, n: int, tmp: Path) -> dict[str, Any]:
+    """A backward run over the first `n` prompts in a fresh process: its wall time, peak
+    RSS (MiB) and RSS every 80th row."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            json.dumps(backward_spec(prompts, n)),
+            str(tmp / f"out{n}.h5"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory(counts: list[int], tmp: Path) -> None:
+    prompts = prompt_file(tmp, max(counts))
     for n in counts:
-        spec = backward_spec(prompts, n)
-        done = subprocess.run(
-            [sys.executable, "-c", _CHILD, json.dumps(spec), str(tmp / f"out{n}.h5")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        got = json.loads(done.stdout.strip().splitlines()[-1])
+        got = peak(prompts, n, tmp)
         rss = ", ".join(f"{rows}: {mib}" for rows, mib in got["rss"])
         print(
             f"{n:5d} prompts: {got['wall']:7.1f} s, peak RSS {got['peak']} MiB; RSS by rows {rss}"
         )
-    estimate(prompts)
+    planned, kept, shape = estimate(prompts)
+    print(
+        f"plan estimate for a batch of {shape}: {planned / 2**20:.1f} MiB; "
+        f"autograd keeps {kept / 2**20:.1f} MiB"
+    )
 
 
-def estimate(prompts: Path) -> None:
-    """`nnrun plan`'s activation estimate against what autograd keeps for one batch."""
+def estimate(prompts: Path) -> tuple[int, int, str]:
+    """`nnrun plan`'s activation estimate (bytes) for one batch of 8, what autograd
+    keeps for that batch (bytes), and the batch's shape in words."""
     import torch
 
     import nnrun
@@ -123,10 +148,40 @@ def estimate(prompts: Path) -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         list(Engine(report.plan, loaded.model, loaded.tokenizer).run())
-    print(
-        f"plan estimate for a batch of {report.backward_rows} x {report.longest} tokens: "
-        f"{report.backward_bytes / 2**20:.1f} MiB; autograd keeps {sum(kept.values()) / 2**20:.1f} MiB"
-    )
+    shape = f"{report.backward_rows} x {report.longest} tokens"
+    return report.backward_bytes, sum(kept.values()), shape
+
+
+def table(counts: list[int], tmp: Path) -> list[Row]:
+    """Rows for run.py: peak RSS of the largest count against the smallest, and the
+    plan's estimate of one batch's activations against what autograd keeps."""
+    small, big = min(counts), max(counts)
+    prompts = prompt_file(tmp, big)
+    peaks = {n: peak(prompts, n, tmp) for n in (small, big)}
+    planned, kept, shape = estimate(prompts)
+    work = "SmolLM2, backward: {metric: logit_diff}, every layer's grad at the last token"
+    return [
+        Row(
+            "backward",
+            f"{work}, {big} prompts vs {small}, batch_size 8",
+            f"peak RSS, {big} prompts",
+            f"peak RSS, {small} prompts",
+            peaks[big]["peak"],
+            peaks[small]["peak"],
+            "MiB",
+            note="each run in a process of its own; one batch's graph at a time",
+        ),
+        Row(
+            "backward",
+            f"{work}, one batch of {shape}",
+            "nnrun plan estimate",
+            "autograd keeps",
+            planned / 2**20,
+            kept / 2**20,
+            "MiB",
+            note="activations kept for the backward pass",
+        ),
+    ]
 
 
 def attribution(tmp: Path) -> None:
@@ -160,10 +215,18 @@ def main() -> None:
     parser.add_argument("--atp", action="store_true", help="attribution vs exact patching")
     parser.add_argument("--memory", action="store_true", help="memory over many prompts")
     parser.add_argument("--prompts", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument(
+        "--table", action="store_true", help="rows for run.py: memory of the least and most prompts"
+    )
+    parser.add_argument("--json", help="with --table, also write the rows to this file")
     args = parser.parse_args()
-    if not (args.atp or args.memory):
-        parser.error("give --atp, --memory or both")
+    if not (args.atp or args.memory or args.table):
+        parser.error("give --atp, --memory, --table or several")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.table:
+            rows = table(args.prompts, Path(tmp))
+            write_rows(rows, args.json)
+            print(format_table(rows))
         if args.atp:
             attribution(Path(tmp))
         if args.memory:

@@ -1,4 +1,5 @@
-"""Benchmark: a prompt dataset saved at every token, tiny GPT-2 (2 layers, width 64), CPU.
+"""Benchmark: a prompt dataset saved at every token, tiny GPT-2 (2 layers, width 64); CPU, or cuda where
+there is one (NNRUN_BENCH_DEVICE).
 
 A JSONL file of N prompts (4-20 words; default 2,000), both blocks' outputs saved at
 every token (`tokens: all`: ragged, so stored packed), in one process:
@@ -31,9 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import REPO, Row, format_table, medians, time_row, tiny_model, write_rows
+from _common import REPO, Row, device, format_table, medians, time_row, tiny_model, write_rows
 
 BATCH = 32
+UNJUDGED = "; not judged: the target is for 2,000 prompts"
 HIDDEN, LAYERS = 64, 2
 
 
@@ -62,7 +64,7 @@ def spec(model: Path, source: Path, layout: str = "auto") -> dict[str, Any]:
     return {
         "nnrun": 1,
         "name": "bench-dataset",
-        "model": {"path": str(model), "device": "cpu"},
+        "model": {"path": str(model), "device": device()},
         "batch_size": BATCH,
         "prompts": {"file": str(source), "id_field": "id"},
         "save": {"h": {"at": "transformer.h.*.output", "tokens": "all", "layout": layout}},
@@ -80,6 +82,8 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
     from nnrun.store import OutputWriter
 
     model_dir = tiny_model()
+    issue_size = count >= 2000  # issue 9's targets are for 2,000 prompts: fixed costs
+    # weigh more in a smaller file, so a smaller run is shown but not judged
     tmp = Path(tempfile.mkdtemp(prefix="nnrun-bench-dataset-"))
     source = prompt_file(tmp / "prompts.jsonl", count)
     loaded = check_spec(spec(model_dir, source))
@@ -98,8 +102,8 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
             os.path.getsize(results.path),
             real,
             "bytes",
-            target=1.10,
-            note=note,
+            target=1.10 if issue_size else None,
+            note=note + ("" if issue_size else UNJUDGED),
         ),
         Row(
             "dataset",
@@ -172,8 +176,9 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
             "MB/s",
             cpu=mb / cpu,
             peer_cpu=mb / peer_cpu,
-            target=0.90,
-            note="write throughput of real values; higher is better",
+            target=0.90 if issue_size else None,
+            note="write throughput of real values; higher is better"
+            + ("" if issue_size else UNJUDGED),
         )
     )
 
@@ -202,11 +207,11 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
                 end = 0
                 for start in range(0, len(lines), BATCH):
                     texts = [r["text"] for r in lines[start : start + BATCH]]
-                    batch = tok(texts, return_tensors="pt", padding=True)
+                    batch = tok(texts, return_tensors="pt", padding=True).to(hf.device)
                     saved.clear()
                     hf(**batch)
-                    data = torch.stack(saved, dim=2).numpy()  # (B, T, L, d)
-                    flat = data[batch["attention_mask"].bool().numpy()]
+                    data = torch.stack(saved, dim=2).cpu().numpy()  # (B, T, L, d)
+                    flat = data[batch["attention_mask"].bool().cpu().numpy()]
                     values.resize(end + len(flat), axis=0)
                     values[end:] = flat
                     end += len(flat)
@@ -244,8 +249,9 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
             peaks[scale * count],
             peaks[count],
             "MiB",
-            target=1.10,
-            note="each run in a process of its own",
+            target=1.10 if issue_size and scale == 10 else None,
+            note="each run in a process of its own"
+            + ("" if issue_size and scale == 10 else "; the target is for 20,000 vs 2,000"),
         )
     )
     return rows

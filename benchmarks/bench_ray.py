@@ -17,6 +17,7 @@ loads and compute on the workers), merge; and each worker's model loads and shar
 times. The files are checked to hold the same P(" Paris") (1e-5) before any timing.
 
     .venv/bin/python benchmarks/bench_ray.py --runs 3
+    .venv/bin/python benchmarks/bench_ray.py --table --runs 3    # rows for run.py
 
 Not part of the test suite. Needs the ray extra (pip install 'nnrun[ray]').
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import Row, format_table, write_rows
 from bench_sweep import spec as sweep_spec
 
 import nnrun
@@ -39,12 +41,9 @@ from nnrun.executor import RayOptions, run_ray
 from nnrun.spec import check_spec
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="timed runs of each")
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-
+def measure(runs: int, workers: int) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Seconds of each way of running per round, and the ray runs' reports; the files
+    are checked to agree before any timing."""
     import os
 
     import ray
@@ -52,15 +51,15 @@ def main() -> None:
 
     loaded = check_spec(sweep_spec())
     tmp = Path(tempfile.mkdtemp(prefix="nnrun-bench-ray-"))
-    options = RayOptions(workers=args.workers)
+    options = RayOptions(workers=workers)
     print(
         f"bench_sweep's 30-point patching sweep on SmolLM2-135M-Instruct fp32 CPU; "
-        f"{args.workers} Ray workers; {args.runs} runs; torch {torch.__version__} "
+        f"{workers} Ray workers; {runs} runs; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), ray {ray.__version__}, {os.cpu_count()} CPUs"
     )
 
     def local() -> Any:
-        return nnrun.run(loaded, output=tmp / "local.h5", cache=False)
+        return nnrun.run(loaded, output=tmp / "local.h5", cache=False, overwrite=True)
 
     def cold() -> Any:
         return run_ray(loaded, tmp / "ray.h5", options)
@@ -77,7 +76,7 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"local": [], "ray": [], "ray (warm)": []}
     reports: dict[str, list[Any]] = {"ray": [], "ray (warm)": []}
-    for _ in range(args.runs):
+    for _ in range(runs):
         start = time.perf_counter()
         local()
         times["local"].append(time.perf_counter() - start)
@@ -96,6 +95,43 @@ def main() -> None:
             times["ray (warm)"].append(time.perf_counter() - start)
         finally:
             ray.shutdown()
+    return times, reports
+
+
+def table(runs: int, workers: int) -> list[Row]:
+    """Rows for run.py: each ray run's median against the local run's."""
+    times, _ = measure(runs, workers)
+    local = statistics.median(times["local"])
+    work = f"SmolLM2 30-point patching sweep, {workers} Ray workers on this machine"
+    return [
+        Row(
+            "ray", work, "ray", "local", statistics.median(times["ray"]), local, note="own cluster"
+        ),
+        Row(
+            "ray",
+            work,
+            "ray (warm)",
+            "local",
+            statistics.median(times["ray (warm)"]),
+            local,
+            note="a cluster started before the timer",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of each")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only the rows for run.py")
+    parser.add_argument("--json", help="with --table, also write the rows to this file")
+    args = parser.parse_args()
+    if args.table:
+        rows = table(args.runs, args.workers)
+        write_rows(rows, args.json)
+        print(format_table(rows))
+        return
+    times, reports = measure(args.runs, args.workers)
 
     base = statistics.median(times["local"])
     print()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,18 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def placement_overrides() -> dict[str, str]:
+    """The model.device / model.dtype the conformance tests run nnrun with, read from
+    NNRUN_TEST_DEVICE and NNRUN_TEST_DTYPE (benchmarks/gpu.sh sets them to run the
+    tests on cuda in fp32 and bf16). Empty when neither is set: the specs keep their
+    defaults, and everything runs as it always has."""
+    found = {}
+    for key, var in (("device", "NNRUN_TEST_DEVICE"), ("dtype", "NNRUN_TEST_DTYPE")):
+        if os.environ.get(var):
+            found[key] = os.environ[var]
+    return found
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
