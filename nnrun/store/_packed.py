@@ -17,6 +17,7 @@ a few, reading only the flat range those prompts cover.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,40 @@ def flat_chunk(per_token: int, expected: int | None, target: int) -> int:
     return fit
 
 
+class FlatParts:
+    """Packed values of several batches, kept as the batches came.
+
+    Joining them into one array would copy every value once more before HDF5 copies
+    it again; the writer writes the parts one after the other instead.
+    """
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts  # each (N_i, [L], *value)
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+        self.dtype = parts[0].dtype
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def flat_pieces(flat: np.ndarray | FlatParts, lo: int, hi: int) -> Iterator[tuple[int, Any]]:
+    """The values lo..hi-1 of the flat axis as (offset from lo, array) pieces."""
+    if not isinstance(flat, FlatParts):
+        if hi > lo:
+            yield 0, flat[lo:hi]
+        return
+    for part, start in zip(flat.parts, flat.starts[:-1]):
+        a, b = max(lo, int(start)), min(hi, int(start) + len(part))
+        if b > a:
+            yield a - lo, part[a - int(start) : b - int(start)]
+
+
+def _joined(arrays: list[np.ndarray | FlatParts]) -> FlatParts:
+    return FlatParts([p for a in arrays for p in (a.parts if isinstance(a, FlatParts) else [a])])
+
+
 @dataclass
 class PackedSave:
     """One save variant's rows of a batch (or of several), packed as they arrived.
@@ -112,12 +147,12 @@ class PackedSave:
     together hold real tokens only, never a batch padded to another batch's width.
     """
 
-    values: np.ndarray  # (N, [L], *value): real tokens, row after row
+    values: np.ndarray | FlatParts  # (N, [L], *value): real tokens, row after row
     counts: np.ndarray  # (R,) or (R, S): tokens of each unit
     prompt_ids: list[str]  # the row key of each row
     width: int  # the widest token axis of the padded batches (the padded view's width)
     torch_dtype: str
-    extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. topk indices
+    extra: dict[str, np.ndarray | FlatParts] = field(default_factory=dict)  # topk indices
 
     @property
     def row_tokens(self) -> np.ndarray:
@@ -130,10 +165,10 @@ def concat_packed(parts: list[PackedSave]) -> PackedSave:
     if len(parts) == 1:
         return parts[0]
     return PackedSave(
-        values=np.concatenate([p.values for p in parts]),
+        values=_joined([p.values for p in parts]),
         counts=np.concatenate([p.counts for p in parts]),
         prompt_ids=[row for p in parts for row in p.prompt_ids],
         width=max(p.width for p in parts),
         torch_dtype=parts[0].torch_dtype,
-        extra={k: np.concatenate([p.extra[k] for p in parts]) for k in parts[0].extra},
+        extra={k: _joined([p.extra[k] for p in parts]) for k in parts[0].extra},
     )
