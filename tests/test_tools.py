@@ -469,3 +469,23 @@ def test_show_imports_only_what_reading_a_file_needs(tiny_gpt2: Path, tmp_path: 
     )
     assert "save" in done.stdout  # it printed the file's saves
     assert done.stdout.splitlines()[-1] == "imported: []", done.stdout[-500:]
+
+
+def test_show_gives_a_packed_save_its_padded_shape(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """The shape column is what `results[name]` gives back; the bytes are what is stored."""
+    spec = {
+        "nnrun": 1,
+        "model": {"path": str(tiny_gpt2)},
+        "prompts": {"a": FRANCE, "b": "Hi"},
+        "sweep": {"k": [1, 2]},
+        "edits": [{"at": "transformer.h.0.output", "mul": "${k}"}],
+        "save": {"h": {"at": "transformer.h.1.output"}},  # tokens: all -> packed
+    }
+    results = nnrun.run(spec, output=tmp_path / "packed.h5")
+    row = nnrun.describe_saves(results)["h"]
+    tokens = int(results.lengths("h")[0].sum())  # one point's real tokens
+    assert row["shape"] == f"{tuple(results['h'].shape)} (stored packed: {tokens:,} tokens)"
+    hidden = results["h"].shape[-1]
+    assert row["bytes"] == 2 * tokens * hidden * 4  # points x tokens x hidden x float32
+    shown = runner.invoke(app, ["show", str(tmp_path / "packed.h5")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "stored packed" in shown.stdout

@@ -6,14 +6,19 @@ model or imports the run's machinery, so `nnrun show` opens in a fraction of a s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from nnrun.store._reader import Results
+from nnrun.store._view import is_packed, padded_shape
 
 
 def describe_saves(results: Results) -> dict[str, dict[str, Any]]:
     """Axes, shape, dtype and size of every dataset under /saves.
+
+    The shape is what a reader gets back (the padded view, also for a save stored
+    packed, which says so); the bytes are what the file stores.
 
     A file from elsewhere may be damaged or crafted: what cannot be read is
     shown as such instead of failing.
@@ -27,11 +32,19 @@ def describe_saves(results: Results) -> dict[str, dict[str, Any]]:
         for name in results:
             ds = f["saves"][name]
             axes = _axes_or_none(results, name)
-            shape = ds.shape
+            shape = ds.shape  # as stored: a packed save's bytes are its real tokens
+            view = "(empty)" if shape is None else str(tuple(shape))
+            if shape is not None and is_packed(ds):  # the shape readers get back
+                try:
+                    stored = json.loads(ds.attrs["axes"])  # (sweep..., packed, ...)
+                    tokens = shape[stored.index("packed")]
+                    view = f"{padded_shape(ds)} (stored packed: {tokens:,} tokens)"
+                except (KeyError, ValueError, TypeError, OSError, IndexError, AttributeError):
+                    view = f"{tuple(shape)} (packed; its offsets are unreadable)"
             dtype = ds.attrs.get("torch_dtype", ds.dtype)
             rows[name] = {
                 "axes": "(unreadable axes attribute)" if axes is None else ", ".join(axes),
-                "shape": "(empty)" if shape is None else str(tuple(shape)),
+                "shape": view,
                 "dtype": dtype.decode("utf-8", "replace")
                 if isinstance(dtype, bytes)
                 else str(dtype),
