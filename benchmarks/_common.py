@@ -75,9 +75,11 @@ class Row:
         return self.judged() <= self.target
 
 
-def write_rows(rows: list[Row], path: str | None) -> None:
+def report(rows: list[Row], path: str | None) -> None:
+    """A benchmark's rows: written to `path` for run.py (when given), printed as a table."""
     if path:
         Path(path).write_text(json.dumps([asdict(r) for r in rows]))
+    print(format_table(rows))
 
 
 def read_rows(path: str) -> list[Row]:

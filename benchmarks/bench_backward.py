@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import Row, format_table, write_rows
+from _common import Row, report
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTRIES = ["France", "Germany", "Italy", "Spain", "Japan", "England", "Poland", "Greece"]
@@ -225,8 +225,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.table:
             rows = table(args.prompts, Path(tmp))
-            write_rows(rows, args.json)
-            print(format_table(rows))
+            report(rows, args.json)
         if args.atp:
             attribution(Path(tmp))
         if args.memory:

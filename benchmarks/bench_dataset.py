@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import REPO, Row, device, format_table, medians, time_row, tiny_model, write_rows
+from _common import REPO, Row, device, medians, report, time_row, tiny_model
 
 BATCH = 32
 UNJUDGED = "; not judged: the target is for 2,000 prompts"
@@ -132,13 +132,7 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
 
     def by_hand() -> None:
         with h5py.File(tmp / "hand.h5", "w") as f:
-            values = f.create_dataset(
-                "h",
-                shape=(0, LAYERS, HIDDEN),
-                maxshape=(None, LAYERS, HIDDEN),
-                dtype=np.float32,
-                chunks=(4096, LAYERS, HIDDEN),
-            )
+            values = _values_dataset(f)
             offsets = f.create_dataset(
                 "offset", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,)
             )
@@ -197,13 +191,7 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
         tok.padding_side = "right"
         try:
             with h5py.File(tmp / "hand-run.h5", "w") as f, torch.inference_mode():
-                values = f.create_dataset(
-                    "h",
-                    shape=(0, LAYERS, HIDDEN),
-                    maxshape=(None, LAYERS, HIDDEN),
-                    dtype=np.float32,
-                    chunks=(4096, LAYERS, HIDDEN),
-                )
+                values = _values_dataset(f)
                 end = 0
                 for start in range(0, len(lines), BATCH):
                     texts = [r["text"] for r in lines[start : start + BATCH]]
@@ -255,6 +243,17 @@ def table(runs: int, quick: bool, count: int = 2000) -> list[Row]:
         )
     )
     return rows
+
+
+def _values_dataset(f: Any) -> Any:
+    """The hand-written loops' growing (token, layer, hidden) dataset of real tokens."""
+    return f.create_dataset(
+        "h",
+        shape=(0, LAYERS, HIDDEN),
+        maxshape=(None, LAYERS, HIDDEN),
+        dtype=np.float32,
+        chunks=(4096, LAYERS, HIDDEN),
+    )
 
 
 def _writes(contenders: dict[str, Any], runs: int) -> dict[str, tuple[float, float]]:
@@ -320,8 +319,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = table(args.runs, args.quick, args.prompts)
-    write_rows(rows, args.json)
-    print(format_table(rows))
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -35,14 +35,13 @@ from _common import (
     Row,
     device,
     engine_factory,
-    format_table,
     medians,
     nnsight_model,
     plain_model,
+    report,
     sync,
     time_row,
     versions,
-    write_rows,
 )
 
 # Four prompts of different lengths (the numbers in README.md were measured on these).
@@ -138,8 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     print(versions())
     rows = table(args.runs, args.quick, args.new_tokens)
-    write_rows(rows, args.json)
-    print(format_table(rows))
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import Row, format_table, write_rows
+from _common import Row, report
 from bench_sweep import spec as sweep_spec
 
 import nnrun
@@ -128,8 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         rows = table(args.runs, args.workers)
-        write_rows(rows, args.json)
-        print(format_table(rows))
+        report(rows, args.json)
         return
     times, reports = measure(args.runs, args.workers)
 

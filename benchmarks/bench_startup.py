@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, Row, format_table, write_rows
+from _common import REPO, Row, report
 
 SPECS = ("examples/demo.yaml", "specs/activation-patching.yaml")
 FLOOR = "import yaml, jsonschema, typer, rich"
@@ -103,8 +103,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file (for run.py)")
     args = parser.parse_args()
     rows = table(args.runs, args.quick)
-    write_rows(rows, args.json)
-    print(format_table(rows))
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

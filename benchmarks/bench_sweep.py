@@ -44,12 +44,11 @@ import yaml
 from _common import (
     Row,
     device,
-    format_table,
     medians,
     nnsight_model,
+    report,
     time_row,
     versions,
-    write_rows,
 )
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
@@ -105,8 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     print(versions())
     rows = table(args.runs, args.quick)
-    write_rows(rows, args.json)
-    print(format_table(rows))
+    report(rows, args.json)
     if args.processes:
         processes(Path(tempfile.mkdtemp(prefix="nnrun-bench-sweep-")), quick=args.quick)
 

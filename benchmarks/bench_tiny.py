@@ -36,12 +36,11 @@ from _common import (
     Row,
     device,
     engine_factory,
-    format_table,
     medians,
+    report,
     sync,
     time_row,
     tiny_model,
-    write_rows,
 )
 
 TEXT = "The capital of France is Paris, and"  # 8 tokens with the tiny tokenizer
@@ -187,8 +186,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = table(args.runs, args.quick)
-    write_rows(rows, args.json)
-    print(format_table(rows))
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

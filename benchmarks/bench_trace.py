@@ -36,14 +36,13 @@ from _common import (
     Row,
     device,
     engine_factory,
-    format_table,
     medians,
     nnsight_model,
     plain_model,
+    report,
     sync,
     time_row,
     versions,
-    write_rows,
 )
 
 PATCH_LAYER = 8
@@ -214,8 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     print(versions())
     rows = table(args.runs, args.quick, args.patch)
-    write_rows(rows, args.json)
-    print(format_table(rows))
+    report(rows, args.json)
 
 
 if __name__ == "__main__":
