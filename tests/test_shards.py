@@ -185,3 +185,22 @@ def test_cli_ray_options_need_the_ray_executor(
     assert isinstance(result.exception, nnrun.NnrunError), result.output
     assert message in str(result.exception)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_file_comparison_sees_every_dataset(tiny_llama: Path, tmp_path: Path) -> None:
+    """assert_same_output, which the shard, Ray and device-map tests rest on, fails on a
+    changed value anywhere: in a packed save, a padded one, or a metric."""
+    import shutil
+
+    spec = shard_cases.patching(tiny_llama)
+    local = tmp_path / "local.h5"
+    nnrun.run(spec, output=local)
+    assert_same_output(local, local)
+    for name in ("saves/resid", "saves/last", "metrics/p"):  # packed, padded, a metric
+        changed = tmp_path / f"{name.replace('/', '-')}.h5"
+        shutil.copy(local, changed)
+        with h5py.File(changed, "r+") as f:
+            where = (0,) * f[name].ndim  # the first point's first value: a real one
+            f[name][where] = f[name][where] + 1.0
+        with pytest.raises(AssertionError, match=name):
+            assert_same_output(local, changed)
