@@ -40,6 +40,14 @@ def placement_overrides() -> dict[str, str]:
     return found
 
 
+# The last line of a child process that reports its peak memory (KiB). VmHWM, not
+# ru_maxrss: the latter keeps the parent's size across fork and exec, so a child of a
+# big test process would report the parent's peak.
+PRINT_PEAK_RSS = (
+    'print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])'
+)
+
+
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import pytest
 import torch
-from helpers import h5_str, one_torch_thread, write_jsonl
+from helpers import PRINT_PEAK_RSS, h5_str, one_torch_thread, write_jsonl
 
 import nnrun
 from nnrun.compile import _probe, compile_plan
@@ -196,7 +196,8 @@ def test_small_runs_write_small_files(spec_runs: dict[str, tuple[Path, list[str]
         assert size <= 1.5 * values + FIXED_OVERHEAD, (name, size, values)
 
 
-_PEAK = r"""
+_PEAK = (
+    r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
@@ -206,9 +207,9 @@ from nnrun.store import _background, _writer
 _background.HANDOVER_ROWS, _writer._FLUSH_ROWS = 16, 64
 spec = json.loads(sys.argv[1])
 nnrun.run(spec, output=sys.argv[2])
-# VmHWM, not ru_maxrss: the latter keeps the parent's size across fork and exec.
-print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 """
+    + PRINT_PEAK_RSS
+)
 
 
 def test_memory_stays_flat_as_a_prompt_file_grows(tiny_gpt2: Path, tmp_path: Path) -> None:

@@ -253,10 +253,15 @@ def test_streamed_jsonl_in_order_with_ids_and_bounded_memory(
     batch_bytes = 16 * 3 * 32 * 4  # 16 prompts x 3 layers x 32 floats
     # The selections of recent batches are kept too (a bounded cache of small tensors).
     selections = 5 * _CACHED_INDICES
-    for tensors, batches in ((tensors_early, batches_early), (tensors_late, batches_late)):
-        assert batches <= held, (batches, held)
-        assert tensors[0] <= tensors_early[0] + 4 * held + selections, (tensors_early, tensors)
-        assert tensors[1] <= tensors_early[1] + 2 * held * batch_bytes, (tensors_early, tensors)
+    assert batches_early <= held and batches_late <= held, (batches_early, batches_late, held)
+    assert tensors_late[0] <= tensors_early[0] + 4 * held + selections, (
+        tensors_early,
+        tensors_late,
+    )
+    assert tensors_late[1] <= tensors_early[1] + 2 * held * batch_bytes, (
+        tensors_early,
+        tensors_late,
+    )
     assert rss_late - rss_early < 32 * 2**20, f"RSS grew {(rss_late - rss_early) / 2**20:.1f} MiB"
 
     wanted = [r["uid"] for r in records[:2000]]

@@ -207,10 +207,11 @@ def test_run_survives_mutated_specs(tiny_gpt2: Path, tiny_llama: Path, fuzz_dir:
 
 
 @pytest.fixture(scope="module")
-def evil_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model/tokenizer directory whose code would create the sentinel if it were ever run."""
+def evil_dir(tmp_path_factory: pytest.TempPathFactory, fuzz_dir: Path) -> Path:
+    """A model/tokenizer directory whose code would create the sentinel if it were ever run
+    (in fuzz_dir, whose teardown fails the module if it is there)."""
     path = tmp_path_factory.mktemp("evil")
-    payload = f"open({str(path.parent / SENTINEL)!r}, 'w').close()\n"
+    payload = f"open({str(fuzz_dir / SENTINEL)!r}, 'w').close()\n"
     for module in ("tokenization_evil", "modeling_evil", "configuration_evil"):
         (path / f"{module}.py").write_text(payload)
     auto = {
@@ -295,12 +296,12 @@ def test_file_operands_survive_crafted_files(
     _report(harness, "{file:} operands, crafted HDF5 files")
 
 
-def test_evil_directory_is_never_imported(evil_dir: Path, tmp_path: Path) -> None:
+def test_evil_directory_is_never_imported(evil_dir: Path, fuzz_dir: Path, tmp_path: Path) -> None:
     """A spec that names a directory with custom model code, without trust_remote_code."""
     with pytest.raises(NnrunError, match="could not load|trust_remote_code"):
         nnrun.run(
             {"nnrun": 1, "model": {"path": str(evil_dir)}, "prompts": ["hi"]},
             output=tmp_path / "x.h5",
         )
-    assert not (evil_dir.parent / SENTINEL).exists()
+    assert not (fuzz_dir / SENTINEL).exists()
     shutil.rmtree(tmp_path, ignore_errors=True)

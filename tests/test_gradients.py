@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import PRINT_PEAK_RSS, write_jsonl
 from test_conformance import (
     ARCHS,
     PROMPTS,
@@ -431,22 +432,24 @@ def test_model_is_left_as_it_was(tiny_llama: Path, tmp_path: Path) -> None:
 # -- memory ------------------------------------------------------------------------------
 
 
-_PEAK = """
-import json, resource, sys
+_PEAK = (
+    """
+import json, sys
 import nnrun
 spec = json.loads(sys.argv[1])
 nnrun.run(spec, cache=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
+    + PRINT_PEAK_RSS
+)
 
 
 def test_backward_over_a_prompt_file_has_bounded_memory(tiny_llama: Path, tmp_path: Path) -> None:
     """1,000 prompts from a file with backward: the peak memory of the process is the
     same as for 100 (one batch's graph at a time), and batch_size is kept."""
     words = "The capital of France is Paris and the city of Rome is in Italy".split()
-    with (tmp_path / "prompts.jsonl").open("w") as f:
-        for i in range(1000):
-            f.write(json.dumps({"text": " ".join(words[: 3 + i % 10])}) + "\n")
+    write_jsonl(
+        tmp_path / "prompts.jsonl", [{"text": " ".join(words[: 3 + i % 10])} for i in range(1000)]
+    )
     peaks = {}
     for limit in (100, 1000):
         spec = {
@@ -465,7 +468,7 @@ def test_backward_over_a_prompt_file_has_bounded_memory(tiny_llama: Path, tmp_pa
         peaks[limit] = int(done.stdout.split()[-1])  # KiB
         results = nnrun.load(tmp_path / f"out{limit}.h5")
         assert results["g"].shape == (limit, 3, 1, 32)
-        assert bool(results["g"].isfinite().all()) and float(results["g"].abs().min()) >= 0
+        assert bool(results["g"].isfinite().all()) and float(results["g"].abs().max()) > 0
     assert peaks[1000] - peaks[100] < 20 * 1024, peaks  # KiB: no growth with the prompt count
 
 
