@@ -30,8 +30,9 @@ from nnrun.compile._resolve import ResolvedLocation
 from nnrun.compile.plan import Heads
 from nnrun.errors import CompileError
 
-# The names standard names use for an attention module's projections (@layers.N.attn.o).
-_OUT_NAMES = PART_NAMES["o"]
+# The names standard names use for an attention module's projections (@layers.N.attn.o);
+# heads also know an output projection called `out`, which the standard names leave alone.
+_OUT_NAMES = (*PART_NAMES["o"], "out")
 _QUERY_NAMES = PART_NAMES["q"]
 _KV_NAMES = PART_NAMES["k"] + PART_NAMES["v"]
 
