@@ -272,6 +272,7 @@ class Engine:
         self.current_rows: list[str] = []  # the rows of the batch under way (for error reports)
         self._loss_scale = _loss_scale(plan)
         self._field_tokens: dict[str, int] = {}  # `{field: ...}` metric texts -> token ids
+        self._fixed_ids: dict[tuple[str, torch.device], torch.Tensor] = {}  # see _fixed_tokens
         # Each result's values are on the host when it is yielded. The run loop turns
         # this off: its writer thread waits for them (BatchResult.wait), so on a GPU the
         # next batch computes while the copies of this one are on their way.
@@ -700,13 +701,24 @@ class Engine:
             found = found.fit(logits.shape[1], state.edits.width, f"{what} at {label}")
             found = found.to(logits.device)
             reference = logits[found.rows[:1], found.columns[:1, 0]]  # (1, V)
-        ids = self._metric_tokens(metric, index.rows.tolist(), state.batch, what)  # (R, k)
+        if any(name is not None for name in metric.fields):  # each prompt's own answer
+            ids = self._metric_tokens(metric, index.rows.tolist(), state.batch, what)  # (R, k)
+        else:  # the same tokens for every row: made once, never waiting for the device
+            ids = self._fixed_tokens(metric, logits.device).expand(index.rows.shape[0], -1)
         values = compute_metric(metric.kind, picked, ids, reference)  # (R,)
         backward = self.plan.backward
         if state.backward is not None and backward is not None and backward.metric is not None:
             if metric.key.split("#")[0] == backward.metric:  # every variant of that metric
                 state.backward.add_loss(values * self._loss_scale)
         state.metrics.setdefault(metric.key, []).append((values.detach(), index.rows))
+
+    def _fixed_tokens(self, metric: MetricAction, device: torch.device) -> torch.Tensor:
+        """(1, k) the metric's own token ids on `device` (cached per metric and device)."""
+        key = (metric.key, device)
+        if key not in self._fixed_ids:
+            ids = torch.tensor([list(metric.token_ids)], dtype=torch.long)
+            self._fixed_ids[key] = ids.reshape(1, -1).to(device)
+        return self._fixed_ids[key]
 
     def _metric_tokens(
         self, metric: MetricAction, rows: list[int], batch: Batch, what: str
