@@ -10,7 +10,6 @@ file is executed: the spec is data, validated like any other, and a stored
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -164,15 +163,3 @@ def _threads(recorded: Any, notes: list[str]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def overrides_of(attrs: dict[str, Any]) -> list[str]:
-    """The `-s` overrides an output file records (already applied to its stored spec)."""
-    raw = attrs.get("overrides")
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
-    try:
-        found = json.loads(raw) if isinstance(raw, str) else []
-    except json.JSONDecodeError:
-        return []
-    return [str(o) for o in found] if isinstance(found, list) else []

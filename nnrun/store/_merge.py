@@ -11,7 +11,6 @@ result has the datasets, shapes, attributes and values of a local run of the spe
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -272,14 +271,3 @@ def _copy(
         dst[(*dst_lead, slice(dst_row + a, dst_row + b), *tail)] = reader[
             (*src_lead, slice(a, b), *tail)
         ]
-
-
-def shard_attrs(path: Path) -> dict[str, Any]:
-    """A shard file's root attributes (its status says whether it finished)."""
-    with h5py.File(path, "r") as f:
-        return {k: v for k, v in f.attrs.items()}
-
-
-def decode_json_attr(value: Any) -> Any:
-    """A JSON text attribute as a value."""
-    return json.loads(value.decode() if isinstance(value, bytes) else value)

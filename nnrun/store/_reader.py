@@ -23,6 +23,7 @@ from nnrun.store._view import (
     ReadCache,
     is_packed,
     packed_arrays,
+    padded_values,
     read_block,
     save_view,
     view_axes,
@@ -350,12 +351,7 @@ class Results(Mapping[str, Any]):
         try:
             with h5py.File(self.path, "r") as f:
                 ds = f[group][name]
-                if group == "saves" and is_packed(ds):
-                    lead = view_axes(ds).index("prompt") + 1
-                    shape = view_shape(f, ds)
-                    values = read_block(f, ds, tuple(slice(0, d) for d in shape[:lead]))
-                else:
-                    values = ds[()]
+                values = padded_values(ds) if group == "saves" else ds[()]
         except _FORMAT_ERRORS as e:
             raise NnrunError(f"cannot read {group[:-1]} '{name}' of {self.path}: {e}") from None
         return self._cache.put((group, name), values)

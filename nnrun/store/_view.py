@@ -48,10 +48,6 @@ class ReadCache:
             self._bytes -= dropped.nbytes
         return value
 
-    def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
-
 
 def is_packed(ds: h5py.Dataset) -> bool:
     return _text(ds.attrs.get("layout", "padded")) == "packed"

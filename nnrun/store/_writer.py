@@ -135,6 +135,7 @@ class OutputWriter:
         self.file: h5py.File | None = None
         self.saves: dict[str, SaveLayout] = {}
         self.metrics: dict[str, MetricLayout] = {}
+        self._target_tables: dict[str, dict[str, Any]] = {}  # see register
         self.prompt_targets: dict[str, list[tuple[int, int]]] = {}
         self.done: set[int] = set()  # points already written (from a resumed file)
         # Streamed prompts (prompt_ids None): the point being written and, per dataset,
@@ -149,6 +150,7 @@ class OutputWriter:
         # Batches not written yet (see _buffer), their bytes, and when the first came.
         self._pending: list[BatchResult] = []
         self._pending_bytes = 0
+        self._pending_rows = 0
         self._pending_since = 0.0
         self._file_flushed = time.monotonic()
         self._unflushed = 0  # bytes written since HDF5's flush: maybe still in its cache
@@ -282,6 +284,12 @@ class OutputWriter:
             self.saves[layout.variant] = layout
         for metric in plan.metrics:
             self.metrics[metric.variant] = metric
+        # Each variant's row -> slots, looked up at every write: made once per plan.
+        self._target_tables.update(
+            (layout.variant, dict(layout.targets))
+            for layout in (*plan.saves, *plan.metrics)
+            if layout.targets is not None
+        )
         if plan.rows is None or self.prompt_ids is None:
             self.point = plan.points[0].index if plan.points else 0
             self.appended = {}
@@ -310,10 +318,10 @@ class OutputWriter:
             self._pending_since = time.monotonic()
         self._pending.append(result)
         self._pending_bytes += result_bytes(result)
-        rows = sum(len(r.rows or r.prompt_ids) for r in self._pending)
+        self._pending_rows += len(result.rows or result.prompt_ids)
         if (
             self._pending_bytes >= _FLUSH_BYTES
-            or rows >= _FLUSH_ROWS
+            or self._pending_rows >= _FLUSH_ROWS
             or time.monotonic() - self._pending_since >= _FLUSH_SECONDS
         ):
             self.flush()
@@ -331,10 +339,10 @@ class OutputWriter:
 
     def flush(self) -> None:
         """Write the batches taken so far, as one."""
-        if not self._pending or self.file is None:
-            self._pending = []
+        pending, self._pending = self._pending, []
+        self._pending_bytes = self._pending_rows = 0
+        if not pending or self.file is None:
             return
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
         result = merge_results(pending)
         try:
             # Before HDF5 is asked to write anything it may fail to write (see _faults);
@@ -351,12 +359,9 @@ class OutputWriter:
         del pending
         written = result_bytes(result)
         self._unflushed += written  # before: a flush of the file in the write clears it
-        self._write_checked(result)
+        self._checked(self._write, result)
         del result
         release_memory()
-
-    def _write_checked(self, result: BatchResult) -> None:
-        self._checked(self._write, result)
 
     def _checked(self, write: Callable[..., None], *args: Any) -> None:
         """`write(*args)`; a failed write gives the file up with one clear error."""
@@ -429,7 +434,7 @@ class OutputWriter:
     def _targets(self, layout: Any, rows: list[str]) -> list[list[tuple[int, int]]]:
         if layout.targets is None:  # streamed prompts: rows go after the ones written
             return self._append(layout.name, len(rows))
-        table = dict(layout.targets)
+        table = self._target_tables[layout.variant]
         return [list(table[row]) for row in rows]
 
     def _append(self, name: str, count: int) -> list[list[tuple[int, int]]]:
@@ -449,9 +454,6 @@ class OutputWriter:
     def _exists(self, path: str) -> bool:
         assert self.file is not None
         return path in self._nodes or path in self.file
-
-    def _metric_names(self) -> set[str]:
-        return {m.name for m in self.metrics.values()}
 
     def _dest(self, point: int, slot: int) -> tuple[int, ...]:
         lead = self.sweep.coords_of(point) if self.sweep is not None else ()
@@ -828,20 +830,18 @@ class OutputWriter:
         flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
         block[np.arange(width) < lengths[:, None]] = flat  # each row's ids, then -1
         values = {**columns, "length": lengths}
+        columns_ds = {name: self._node(f"{base}/{name}") for name in values}
         for (start, stop), (point, slot) in _runs(dests):
             where = self._dest(point, slot)
             index = where[:-1] + (slice(where[-1], where[-1] + stop - start),)
-            columns_ds = {name: self._node(f"{base}/{name}") for name in values}
             for ds in (tokens, *columns_ds.values()):
                 self._ensure_rows(ds, slot + stop - start)
             tokens[index] = block[start:stop]
-            flat = int(
-                np.ravel_multi_index(where, tokens.shape[:-1])
-            )  # row of `where`, counted flat
+            row = int(np.ravel_multi_index(where, tokens.shape[:-1]))  # `where`, counted flat
             for name, column in values.items():
                 part = list(column[start:stop])
                 if name != "length":  # strings: keep any text HDF5 cannot hold exactly beside it
-                    part = storable_texts(group, name, flat, part)
+                    part = storable_texts(group, name, row, part)
                 columns_ds[name][index] = part
 
     def _write_token_texts(
